@@ -1,0 +1,204 @@
+"""`LSTMCell`: one time step of a long short-term memory network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+# The mixin that gives a cell variational dropout (one mask per sequence,
+# reused at every step) and lets `keras.layers.RNN` prepare the masks before
+# its loop. Keras's own cells use it; it is not exported under `keras.layers`.
+from keras.src.layers.rnn.dropout_rnn_cell import DropoutRNNCell
+
+
+@keras.saving.register_keras_serializable(package="lstm_tf")
+class LSTMCell(keras.layers.Layer, DropoutRNNCell):
+    """One step of an LSTM, written as its four parts.
+
+    With z = x_t·W + h_{t-1}·U + b split into four blocks in the order
+    (i, f, c, o), the cell computes
+
+        f_t = σ(z_f)                     forget gate
+        i_t = σ(z_i), C̃_t = tanh(z_c)    input gate and candidate
+        C_t = f_t ⊙ C_{t-1} + i_t ⊙ C̃_t   cell update
+        o_t = σ(z_o), h_t = o_t ⊙ tanh(C_t)  output gate and new hidden state
+
+    where σ is `recurrent_activation` and tanh is `activation`. The weights are
+    laid out exactly like `keras.layers.LSTMCell`: `kernel` W is
+    `(input_dim, 4 * units)`, `recurrent_kernel` U is `(units, 4 * units)`,
+    `bias` b is `(4 * units,)`, gate blocks in the order i, f, c, o.
+
+    Args:
+        units: Positive integer, size of the hidden state h and cell state C.
+        activation: Activation of the candidate and of the cell output.
+            Default `"tanh"`.
+        recurrent_activation: Activation of the three gates. Default
+            `"sigmoid"`.
+        use_bias: Whether to add the bias b. Default `True`.
+        kernel_initializer: Initializer for W. Default `"glorot_uniform"`.
+        recurrent_initializer: Initializer for U. Default `"orthogonal"`.
+        bias_initializer: Initializer for b. Default `"zeros"`.
+        unit_forget_bias: If `True` (default), add 1 to the forget-gate bias
+            at initialization (Jozefowicz et al., 2015).
+        kernel_regularizer, recurrent_regularizer, bias_regularizer:
+            Optional regularizers of W, U and b.
+        kernel_constraint, recurrent_constraint, bias_constraint:
+            Optional constraints of W, U and b.
+        dropout: Fraction of the inputs x_t to drop. Variational: one mask per
+            sequence, the same at every step, and only when training.
+        recurrent_dropout: Fraction of h_{t-1} to drop, likewise variational.
+        seed: Seed of the dropout masks.
+
+    Call arguments:
+        inputs: `(batch, input_dim)`, x_t.
+        states: `[h_{t-1}, C_{t-1}]`, each `(batch, units)`.
+        training: Whether dropout applies.
+
+    Returns:
+        `(h_t, [h_t, C_t])`.
+
+    Example:
+
+    >>> cell = LSTMCell(4)
+    >>> layer = keras.layers.RNN(cell)
+    >>> layer(np.ones((2, 3, 5))).shape
+    TensorShape([2, 4])
+    """
+
+    def __init__(
+        self,
+        units: int,
+        activation: Any = "tanh",
+        recurrent_activation: Any = "sigmoid",
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        recurrent_initializer: Any = "orthogonal",
+        bias_initializer: Any = "zeros",
+        unit_forget_bias: bool = True,
+        kernel_regularizer: Any = None,
+        recurrent_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        kernel_constraint: Any = None,
+        recurrent_constraint: Any = None,
+        bias_constraint: Any = None,
+        dropout: float = 0.0,
+        recurrent_dropout: float = 0.0,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(units, int) or units <= 0:
+            raise ValueError(f"`units` must be a positive integer; got {units!r}.")
+        for name, rate in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1); got {rate!r}.")
+        super().__init__(**kwargs)
+        self.units = units
+        self.activation = keras.activations.get(activation)
+        self.recurrent_activation = keras.activations.get(recurrent_activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.recurrent_initializer = keras.initializers.get(recurrent_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.unit_forget_bias = unit_forget_bias
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.recurrent_regularizer = keras.regularizers.get(recurrent_regularizer)
+        self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.recurrent_constraint = keras.constraints.get(recurrent_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
+        self.dropout = float(dropout)
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed=seed)
+        self.state_size = [units, units]
+        self.output_size = units
+
+    def build(self, input_shape: tuple) -> None:
+        input_dim = input_shape[-1]
+        self.kernel = self.add_weight(
+            shape=(input_dim, 4 * self.units),
+            name="kernel",
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.recurrent_kernel = self.add_weight(
+            shape=(self.units, 4 * self.units),
+            name="recurrent_kernel",
+            initializer=self.recurrent_initializer,
+            regularizer=self.recurrent_regularizer,
+            constraint=self.recurrent_constraint,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                shape=(4 * self.units,),
+                name="bias",
+                initializer=self._initial_bias,
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+            )
+
+    def _initial_bias(self, shape: tuple, dtype: Any = None) -> Any:
+        """`bias_initializer`, plus 1 on the forget block if `unit_forget_bias`."""
+        bias = self.bias_initializer(shape, dtype=dtype)
+        if self.unit_forget_bias:
+            n = self.units
+            bias = ops.concatenate(
+                [bias[:n], bias[n : 2 * n] + 1.0, bias[2 * n :]], axis=0
+            )
+        return bias
+
+    def call(self, inputs: Any, states: list, training: bool = False) -> tuple:
+        h_prev, c_prev = states
+        if training and self.dropout > 0:
+            inputs = inputs * self.get_dropout_mask(inputs)
+        if training and self.recurrent_dropout > 0:
+            h_prev = h_prev * self.get_recurrent_dropout_mask(h_prev)
+
+        # All four pre-activations at once: z = x_t·W + h_{t-1}·U + b.
+        z = ops.matmul(inputs, self.kernel) + ops.matmul(h_prev, self.recurrent_kernel)
+        if self.use_bias:
+            z = z + self.bias
+        z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
+
+        f = self.recurrent_activation(z_f)  # forget gate
+        i = self.recurrent_activation(z_i)  # input gate
+        c_candidate = self.activation(z_c)  # candidate C̃_t
+        c = f * c_prev + i * c_candidate  # cell update
+        o = self.recurrent_activation(z_o)  # output gate
+        h = o * self.activation(c)
+        return h, [h, c]
+
+    def get_initial_state(self, batch_size: Any = None) -> list:
+        return [
+            ops.zeros((batch_size, self.units), dtype=self.compute_dtype)
+            for _ in range(2)
+        ]
+
+    def get_config(self) -> dict:
+        ser = keras.saving.serialize_keras_object
+        config = {
+            "units": self.units,
+            "activation": keras.activations.serialize(self.activation),
+            "recurrent_activation": keras.activations.serialize(
+                self.recurrent_activation
+            ),
+            "use_bias": self.use_bias,
+            "kernel_initializer": ser(self.kernel_initializer),
+            "recurrent_initializer": ser(self.recurrent_initializer),
+            "bias_initializer": ser(self.bias_initializer),
+            "unit_forget_bias": self.unit_forget_bias,
+            "kernel_regularizer": ser(self.kernel_regularizer),
+            "recurrent_regularizer": ser(self.recurrent_regularizer),
+            "bias_regularizer": ser(self.bias_regularizer),
+            "kernel_constraint": ser(self.kernel_constraint),
+            "recurrent_constraint": ser(self.recurrent_constraint),
+            "bias_constraint": ser(self.bias_constraint),
+            "dropout": self.dropout,
+            "recurrent_dropout": self.recurrent_dropout,
+            "seed": self.seed,
+        }
+        return {**super().get_config(), **config}

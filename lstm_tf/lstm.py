@@ -1,0 +1,133 @@
+"""`LSTM`: the LSTM sequence layer built on `LSTMCell`."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import keras
+
+from lstm_tf.cell import LSTMCell
+
+# Every `LSTMCell` constructor argument after `units` (not `**kwargs`).
+_CELL_ARGS = tuple(inspect.signature(LSTMCell.__init__).parameters)[2:-1]
+
+
+@keras.saving.register_keras_serializable(package="lstm_tf")
+class LSTM(keras.layers.RNN):
+    """Long short-term memory layer: `LSTMCell` run over a sequence.
+
+    Weights, masking, `initial_state`, `stateful`/`reset_state()` and
+    `go_backwards` behave exactly as in `keras.layers.LSTM`, so
+    `layer.set_weights(keras_lstm.get_weights())` works in both directions.
+
+    Args:
+        units: Positive integer, size of the hidden and cell state.
+        return_sequences: Return h_t for every step, `(batch, timesteps,
+            units)`, instead of the last one, `(batch, units)`.
+        return_state: Also return the final `h_T` and `C_T`.
+        go_backwards: Read the sequence from the last step to the first (and
+            return the outputs in that reversed order).
+        stateful: Carry the final state of batch k into batch k+1 (needs a
+            fixed batch size); clear it with `reset_state()`.
+        unroll: Unroll the step loop (short sequences only).
+        **kwargs: Every `LSTMCell` argument (`activation`, `dropout`,
+            `unit_forget_bias`, initializers, ...) and the usual layer
+            arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        sequences: `(batch, timesteps, features)`.
+        initial_state: Optional `[h_0, C_0]`, each `(batch, units)`.
+        mask: Optional boolean `(batch, timesteps)`; masked steps keep the
+            previous state (as produced by `Embedding(mask_zero=True)`).
+        training: Whether dropout applies.
+
+    Example:
+
+    >>> x = np.random.rand(8, 20, 16).astype("float32")
+    >>> LSTM(32, return_sequences=True)(x).shape
+    TensorShape([8, 20, 32])
+    """
+
+    def __init__(
+        self,
+        units: int,
+        return_sequences: bool = False,
+        return_state: bool = False,
+        go_backwards: bool = False,
+        stateful: bool = False,
+        unroll: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        cell_kwargs = {k: kwargs.pop(k) for k in _CELL_ARGS if k in kwargs}
+        cell = LSTMCell(
+            units,
+            **cell_kwargs,
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+            name="lstm_cell",
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=unroll,
+            **kwargs,
+        )
+
+    @property
+    def units(self) -> int:
+        return self.cell.units
+
+    def build(self, sequences_shape: tuple, initial_state_shape: Any = None) -> None:
+        if len(sequences_shape) != 3:
+            raise ValueError(
+                f"{self.__class__.__name__} expects inputs of shape (batch, "
+                f"timesteps, features); got shape {tuple(sequences_shape)}."
+            )
+        super().build(sequences_shape, initial_state_shape)
+
+    def call(
+        self,
+        sequences: Any,
+        initial_state: Any = None,
+        mask: Any = None,
+        training: bool = False,
+    ) -> Any:
+        if initial_state is not None:
+            self._check_initial_state(sequences, initial_state)
+        return super().call(
+            sequences, initial_state=initial_state, mask=mask, training=training
+        )
+
+    def _check_initial_state(self, sequences: Any, initial_state: Any) -> None:
+        states = list(initial_state) if isinstance(initial_state, (list, tuple)) else [initial_state]
+        batch = sequences.shape[0]
+        expected = (batch, self.units)
+        if len(states) != 2:
+            raise ValueError(
+                f"initial_state must be [h_0, C_0], each of shape {expected}; "
+                f"got {len(states)} tensor(s)."
+            )
+        for name, state in zip(("h_0", "C_0"), states):
+            shape = tuple(state.shape)
+            ok = len(shape) == 2 and shape[1] == self.units
+            ok = ok and (batch is None or shape[0] is None or shape[0] == batch)
+            if not ok:
+                raise ValueError(
+                    f"initial_state {name} must have shape {expected} "
+                    f"(batch, units); got {shape}."
+                )
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        cell_config = config.pop("cell")["config"]
+        config["units"] = self.units
+        config.update({k: cell_config[k] for k in _CELL_ARGS})
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> LSTM:
+        return cls(**config)
