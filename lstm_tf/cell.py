@@ -158,19 +158,31 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
         if training and self.recurrent_dropout > 0:
             h_prev = h_prev * self.get_recurrent_dropout_mask(h_prev)
 
+        f, i, c_candidate, o = self.gates(inputs, h_prev)
+        c = f * c_prev + i * c_candidate  # cell update
+        h = o * self.activation(c)
+        return h, [h, c]
+
+    def gates(self, inputs: Any, h_prev: Any) -> tuple:
+        """The forget gate, input gate, candidate and output gate of one step.
+
+        Args:
+            inputs: x_t, `(batch, input_dim)` (after dropout, if any).
+            h_prev: h_{t-1}, `(batch, units)`.
+
+        Returns:
+            `(f_t, i_t, C̃_t, o_t)`, each `(batch, units)`.
+        """
         # All four pre-activations at once: z = x_t·W + h_{t-1}·U + b.
         z = ops.matmul(inputs, self.kernel) + ops.matmul(h_prev, self.recurrent_kernel)
         if self.use_bias:
             z = z + self.bias
         z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
-
         f = self.recurrent_activation(z_f)  # forget gate
         i = self.recurrent_activation(z_i)  # input gate
         c_candidate = self.activation(z_c)  # candidate C̃_t
-        c = f * c_prev + i * c_candidate  # cell update
         o = self.recurrent_activation(z_o)  # output gate
-        h = o * self.activation(c)
-        return h, [h, c]
+        return f, i, c_candidate, o
 
     def get_initial_state(self, batch_size: Any = None) -> list:
         return [

@@ -103,7 +103,7 @@ class LSTM(keras.layers.RNN):
         )
 
     def _check_initial_state(self, sequences: Any, initial_state: Any) -> None:
-        states = list(initial_state) if isinstance(initial_state, (list, tuple)) else [initial_state]
+        states = initial_state if isinstance(initial_state, (list, tuple)) else [initial_state]
         batch = sequences.shape[0]
         expected = (batch, self.units)
         if len(states) != 2:
@@ -111,7 +111,7 @@ class LSTM(keras.layers.RNN):
                 f"initial_state must be [h_0, C_0], each of shape {expected}; "
                 f"got {len(states)} tensor(s)."
             )
-        for name, state in zip(("h_0", "C_0"), states):
+        for name, state in zip(("h_0", "C_0"), states, strict=True):
             shape = tuple(state.shape)
             ok = len(shape) == 2 and shape[1] == self.units
             ok = ok and (batch is None or shape[0] is None or shape[0] == batch)

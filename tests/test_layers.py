@@ -41,7 +41,7 @@ def _assert_close(a, b, atol=ATOL):
     a = a if isinstance(a, (list, tuple)) else [a]
     b = b if isinstance(b, (list, tuple)) else [b]
     assert len(a) == len(b)
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=atol, rtol=0)
 
 
@@ -177,7 +177,7 @@ def test_gradients_match_finite_differences():
 
     theoretical, numerical = tf.test.compute_gradient(
         f, [tf.constant(x)] + [tf.constant(w) for w in layer.get_weights()])
-    for t_grad, n_grad in zip(theoretical, numerical):
+    for t_grad, n_grad in zip(theoretical, numerical, strict=True):
         np.testing.assert_allclose(t_grad, n_grad, atol=1e-6)
 
 

@@ -1,0 +1,1 @@
+"""Bi-LSTM sentiment classification: `python -m recipes.sentiment`."""

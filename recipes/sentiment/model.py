@@ -1,0 +1,53 @@
+"""Token ids → Embedding → stacked lstm_tf.Bidirectional(LSTM) → P(positive)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+import lstm_tf
+
+
+@keras.saving.register_keras_serializable(package="recipes.sentiment")
+class MaskedMeanMaxPooling(keras.layers.Layer):
+    """`(batch, time, features)` → `(batch, 2*features)`: mean and max over real steps.
+
+    Sequences with no real step pool to zeros.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, x: Any, mask: Any = None) -> Any:
+        if mask is None:
+            mask = ops.ones(ops.shape(x)[:2], dtype="bool")
+        keep = ops.expand_dims(ops.cast(mask, "bool"), -1)
+        weights = ops.cast(keep, x.dtype)
+        count = ops.sum(weights, axis=1)
+        mean = ops.sum(x * weights, axis=1) / ops.maximum(count, 1.0)
+        peak = ops.max(ops.where(keep, x, -1e9), axis=1)
+        peak = ops.where(count > 0, peak, 0.0)
+        return ops.concatenate([mean, peak], axis=-1)
+
+    def compute_mask(self, x: Any, mask: Any = None) -> None:
+        return None
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (input_shape[0], 2 * input_shape[-1])
+
+
+def create_model(config: Any) -> keras.Model:
+    """`(batch, time)` int ids, 0 = padding → `(batch, 1)` P(positive)."""
+    tokens = keras.Input((None,), dtype="int64", name="tokens")
+    x = keras.layers.Embedding(config.vocab_size, config.embedding_dim, mask_zero=True)(tokens)
+    x = keras.layers.Dropout(config.dropout)(x)
+    for _ in range(config.num_layers):
+        x = lstm_tf.Bidirectional(lstm_tf.LSTM(
+            config.lstm_units, return_sequences=True, dropout=config.lstm_dropout))(x)
+    x = MaskedMeanMaxPooling()(x)
+    x = keras.layers.Dropout(config.dropout)(x)
+    probability = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+    return keras.Model(tokens, probability, name="sentiment_bilstm")
