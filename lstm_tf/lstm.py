@@ -7,6 +7,7 @@ from typing import Any
 
 import keras
 
+from lstm_tf import fused as fused_lib
 from lstm_tf.cell import LSTMCell
 
 # Every `LSTMCell` constructor argument after `units` (not `**kwargs`).
@@ -31,6 +32,14 @@ class LSTM(keras.layers.RNN):
         stateful: Carry the final state of batch k into batch k+1 (needs a
             fixed batch size); clear it with `reset_state()`.
         unroll: Unroll the step loop (short sequences only).
+        fused: `"auto"` (default) runs the fast fused path (`lstm_tf.fused`)
+            whenever it applies and the step-by-step `LSTMCell` loop
+            otherwise; `False` always runs the step loop; `True` requires the
+            fused path. It applies when `activation="tanh"`,
+            `recurrent_activation="sigmoid"`, `recurrent_dropout=0`,
+            `unroll=False`, and masks (if any) are right-padded (real steps
+            first; other masks raise an error on this path: use
+            `fused=False`). Both paths compute the same function.
         **kwargs: Every `LSTMCell` argument (`activation`, `dropout`,
             `unit_forget_bias`, initializers, ...) and the usual layer
             arguments (`name`, `dtype`, ...).
@@ -57,8 +66,11 @@ class LSTM(keras.layers.RNN):
         go_backwards: bool = False,
         stateful: bool = False,
         unroll: bool = False,
+        fused: bool | str = "auto",
         **kwargs: Any,
     ) -> None:
+        if fused not in ("auto", True, False):
+            raise ValueError(f"`fused` must be 'auto', True or False; got {fused!r}.")
         cell_kwargs = {k: kwargs.pop(k) for k in _CELL_ARGS if k in kwargs}
         cell = LSTMCell(
             units,
@@ -76,10 +88,45 @@ class LSTM(keras.layers.RNN):
             unroll=unroll,
             **kwargs,
         )
+        self.fused = fused
+        if fused is True and not self.can_fuse():
+            raise ValueError(
+                "fused=True needs activation='tanh', recurrent_activation='sigmoid', "
+                "recurrent_dropout=0 and unroll=False.")
 
     @property
     def units(self) -> int:
         return self.cell.units
+
+    def can_fuse(self) -> bool:
+        """Whether this configuration runs on the fused path."""
+        cell = self.cell
+        return (
+            self.fused is not False
+            and cell.activation is keras.activations.tanh
+            and cell.recurrent_activation is keras.activations.sigmoid
+            and cell.recurrent_dropout == 0
+            and not self.unroll
+        )
+
+    def fused_inputs(self, sequences: Any, training: bool) -> Any:
+        """`sequences` after this layer's (variational) input dropout."""
+        if training and self.cell.dropout > 0:
+            return sequences * self.cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
+        return sequences
+
+    def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
+                   training: bool = False) -> tuple:
+        if not self.can_fuse():
+            return super().inner_loop(sequences, initial_state, mask, training=training)
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        cell = self.cell
+        return fused_lib.run(
+            [self.fused_inputs(sequences, training)], [cell.kernel], [cell.recurrent_kernel],
+            [cell.bias], [self.go_backwards], [list(initial_state)],
+            None if mask is None else fused_lib.right_padded_lengths(mask),
+            self.zero_output_for_mask)[0]
 
     def build(self, sequences_shape: tuple, initial_state_shape: Any = None) -> None:
         if len(sequences_shape) != 3:
@@ -125,6 +172,7 @@ class LSTM(keras.layers.RNN):
         config = super().get_config()
         cell_config = config.pop("cell")["config"]
         config["units"] = self.units
+        config["fused"] = self.fused
         config.update({k: cell_config[k] for k in _CELL_ARGS})
         return config
 

@@ -13,6 +13,19 @@ import lstm_tf
 
 B, T, D, U = 3, 7, 5, 4
 ATOL = 1e-5
+PATH = {"fused": "auto"}
+
+
+@pytest.fixture(autouse=True, params=["step", "fused"])
+def lstm_path(request):
+    """Runs every test on the step-by-step path and on the fused path."""
+    PATH["fused"] = False if request.param == "step" else True
+    yield request.param
+
+
+def LSTM(units, **kwargs):  # noqa: N802
+    """`lstm_tf.LSTM` on the path of the running test."""
+    return lstm_tf.LSTM(units, fused=PATH["fused"], **kwargs)
 
 
 def _data(seed=0, b=B, t=T, d=D):
@@ -52,7 +65,7 @@ def _assert_close(a, b, atol=ATOL):
 def test_lstm_matches_keras(return_sequences, return_state, go_backwards, masked):
     kw = dict(return_sequences=return_sequences, return_state=return_state,
               go_backwards=go_backwards)
-    ours, ref = lstm_tf.LSTM(U, **kw), keras.layers.LSTM(U, **kw)
+    ours, ref = LSTM(U, **kw), keras.layers.LSTM(U, **kw)
     x = _data()
     _pair(ours, ref, x)
     mask = _mask([T, 4, 1]) if masked else None
@@ -60,7 +73,7 @@ def test_lstm_matches_keras(return_sequences, return_state, go_backwards, masked
 
 
 def test_lstm_initial_state_matches_keras():
-    ours, ref = lstm_tf.LSTM(U, return_state=True), keras.layers.LSTM(U, return_state=True)
+    ours, ref = LSTM(U, return_state=True), keras.layers.LSTM(U, return_state=True)
     x = _data()
     _pair(ours, ref, x)
     rng = np.random.default_rng(3)
@@ -70,7 +83,7 @@ def test_lstm_initial_state_matches_keras():
 
 def test_weights_transfer_both_ways():
     x = _data()
-    ours, ref = lstm_tf.LSTM(U), keras.layers.LSTM(U)
+    ours, ref = LSTM(U), keras.layers.LSTM(U)
     ours(x)
     ref(x)
     _random_weights(ref)
@@ -81,7 +94,7 @@ def test_weights_transfer_both_ways():
 
 def test_stateful_and_reset_state_match_keras():
     kw = dict(stateful=True, return_sequences=True)
-    ours, ref = lstm_tf.LSTM(U, **kw), keras.layers.LSTM(U, **kw)
+    ours, ref = LSTM(U, **kw), keras.layers.LSTM(U, **kw)
     x1, x2 = _data(1), _data(2)
     _pair(ours, ref, x1)
     for layer in (ours, ref):
@@ -103,7 +116,7 @@ def test_cell_inside_keras_rnn_matches_keras_lstm():
 
 
 def test_unit_forget_bias():
-    layer = lstm_tf.LSTM(U)
+    layer = LSTM(U)
     layer(_data())
     bias = layer.get_weights()[2]
     np.testing.assert_array_equal(bias[U:2 * U], 1.0)
@@ -113,7 +126,7 @@ def test_unit_forget_bias():
 @pytest.mark.parametrize("merge_mode", ["concat", "sum", "mul", "ave", None])
 @pytest.mark.parametrize("masked", [False, True])
 def test_bidirectional_matches_keras(merge_mode, masked):
-    ours = lstm_tf.Bidirectional(lstm_tf.LSTM(U, return_sequences=True), merge_mode=merge_mode)
+    ours = lstm_tf.Bidirectional(LSTM(U, return_sequences=True), merge_mode=merge_mode)
     ref = keras.layers.Bidirectional(keras.layers.LSTM(U, return_sequences=True),
                                      merge_mode=merge_mode)
     x = _data()
@@ -123,7 +136,7 @@ def test_bidirectional_matches_keras(merge_mode, masked):
 
 
 def test_bidirectional_return_state_and_initial_state_match_keras():
-    ours = lstm_tf.Bidirectional(lstm_tf.LSTM(U, return_state=True))
+    ours = lstm_tf.Bidirectional(LSTM(U, return_state=True))
     ref = keras.layers.Bidirectional(keras.layers.LSTM(U, return_state=True))
     x = _data()
     _pair(ours, ref, x)
@@ -147,7 +160,7 @@ def test_bidirectional_wraps_keras_simple_rnn():
 def test_padding_invariance(bidirectional):
     """Right-padded masked batch == each sequence run on its own, unpadded."""
     def make():
-        layer = lstm_tf.LSTM(U, return_sequences=True, return_state=True)
+        layer = LSTM(U, return_sequences=True, return_state=True)
         return lstm_tf.Bidirectional(layer) if bidirectional else layer
 
     layer = make()
@@ -164,7 +177,7 @@ def test_padding_invariance(bidirectional):
 
 
 def test_gradients_match_finite_differences():
-    layer = lstm_tf.LSTM(3, return_sequences=True, dtype="float64")
+    layer = LSTM(3, return_sequences=True, dtype="float64")
     x = _data(b=2, t=4, d=3).astype("float64")
     layer(x)
     _random_weights(layer)
@@ -183,8 +196,8 @@ def test_gradients_match_finite_differences():
 
 def _tiny_model():
     inputs = keras.Input((T, D))
-    hidden = lstm_tf.Bidirectional(lstm_tf.LSTM(U, return_sequences=True))(inputs)
-    outputs = lstm_tf.LSTM(U)(hidden)
+    hidden = lstm_tf.Bidirectional(LSTM(U, return_sequences=True))(inputs)
+    outputs = LSTM(U)(hidden)
     model = keras.Model(inputs, outputs)
     for layer in model.layers:
         _random_weights(layer)
@@ -222,7 +235,7 @@ def test_saved_model_serves_without_lstm_tf(tmp_path):
 
 def _identity_candidate_lstm(**kwargs):
     """An LSTM whose gates are pinned open (f=0, i=o=1): h_t = tanh(tanh(z_c))."""
-    layer = lstm_tf.LSTM(U, return_sequences=True, **kwargs)
+    layer = LSTM(U, return_sequences=True, **kwargs)
     layer(np.zeros((1, T, U), "float32"))
     kernel = np.zeros((U, 4 * U), "float32")
     recurrent = np.zeros((U, 4 * U), "float32")
@@ -243,13 +256,15 @@ def test_input_dropout_is_variational_and_off_at_inference():
     assert (dropped == dropped[:, :1]).all()  # one mask for every time step
 
 
-def test_recurrent_dropout_is_variational_and_off_at_inference():
+def test_recurrent_dropout_is_variational_and_off_at_inference(lstm_path):
+    if lstm_path == "fused":
+        pytest.skip("recurrent dropout runs on the step path only")
     layer, kernel, recurrent, bias = _identity_candidate_lstm(recurrent_dropout=0.5, seed=7)
     bias[2 * U:3 * U] = 1.0  # z_c = 1 + h_{t-1}·mask
     recurrent[:, 2 * U:3 * U] = np.eye(U)
     layer.set_weights([kernel, recurrent, bias])
     x = np.zeros((16, T, U), "float32")
-    reference = lstm_tf.LSTM(U, return_sequences=True)
+    reference = LSTM(U, return_sequences=True)
     reference(x)
     reference.set_weights(layer.get_weights())
     _assert_close(layer(x, training=False), reference(x))
@@ -262,20 +277,20 @@ def test_recurrent_dropout_is_variational_and_off_at_inference():
 
 def test_wrong_rank_names_expected_shape():
     with pytest.raises(ValueError, match=r"\(batch, timesteps, features\)"):
-        lstm_tf.LSTM(U)(np.ones((B, D), "float32"))
+        LSTM(U)(np.ones((B, D), "float32"))
 
 
 def test_mismatched_initial_state_names_expected_shape():
     x = _data()
     bad = [np.zeros((B, U + 1), "float32"), np.zeros((B, U), "float32")]
     with pytest.raises(ValueError, match=rf"\({B}, {U}\)"):
-        lstm_tf.LSTM(U)(x, initial_state=bad)
+        LSTM(U)(x, initial_state=bad)
     with pytest.raises(ValueError, match=r"\[h_0, C_0\]"):
-        lstm_tf.LSTM(U)(x, initial_state=bad[:1])
+        LSTM(U)(x, initial_state=bad[:1])
 
 
 def test_invalid_constructor_arguments():
     with pytest.raises(ValueError, match="units"):
         lstm_tf.LSTMCell(0)
     with pytest.raises(ValueError, match="dropout"):
-        lstm_tf.LSTM(U, dropout=1.5)
+        LSTM(U, dropout=1.5)

@@ -1,0 +1,174 @@
+"""LSTM training-step and inference speed: lstm_tf vs keras.layers vs torch.nn, on this machine.
+
+    python benchmarks/lstm_throughput.py            # the sweep (B=64, D=128; T x units)
+    python benchmarks/lstm_throughput.py --quick    # only the reference shape T=100, units=256
+
+A training step = forward + backward of a [B, T, D] float32 batch (return_sequences, loss =
+mean of squared outputs) with the gradient of every weight; inference = forward only. Every
+contender runs in graph mode (tf.function; torch eager, as torch users run it), interleaved
+round by round so that machine noise hits all alike; the table gives medians and ratios to
+Keras. GFLOP/s counts the LSTM matmuls (3x the forward's for a training step) against a
+2048x2048 matmul measured in the same run. Peak memory: max RSS of a fresh process running
+one training step at T=1000, units=256 (minus the same process before the step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lstm_tf  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # the `bench` extra
+    torch = None
+
+BATCH, FEATURES = 64, 128
+NAMES = ["lstm_tf.LSTM", "keras.LSTM", "torch.LSTM",
+         "lstm_tf.Bidirectional", "keras.Bidirectional", "torch.LSTM(bi)"]
+
+
+def _tf_contender(name: str, units: int, steps: int) -> tuple:
+    """(train_step, infer) tf.functions for one contender, built on a fixed batch."""
+    if name == "lstm_tf.LSTM":
+        layer = lstm_tf.LSTM(units, return_sequences=True)
+    elif name == "keras.LSTM":
+        layer = keras.layers.LSTM(units, return_sequences=True)
+    elif name == "lstm_tf.Bidirectional":
+        layer = lstm_tf.Bidirectional(lstm_tf.LSTM(units, return_sequences=True))
+    else:
+        layer = keras.layers.Bidirectional(keras.layers.LSTM(units, return_sequences=True))
+    x = tf.constant(np.random.default_rng(0).normal(size=(BATCH, steps, FEATURES)), tf.float32)
+    layer(x)
+
+    @tf.function
+    def train_step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(layer(x, training=True)))
+        return tape.gradient(loss, layer.trainable_variables)
+
+    @tf.function
+    def infer():
+        return layer(x, training=False)
+
+    return (lambda: [g.numpy() for g in train_step()]), (lambda: infer().numpy())
+
+
+def _torch_contender(name: str, units: int, steps: int) -> tuple:
+    lstm = torch.nn.LSTM(FEATURES, units, batch_first=True, bidirectional="bi" in name)
+    x = torch.from_numpy(
+        np.random.default_rng(0).normal(size=(BATCH, steps, FEATURES)).astype("float32"))
+
+    def train_step():
+        lstm.zero_grad()
+        (lstm(x)[0] ** 2).mean().backward()
+
+    def infer():
+        with torch.no_grad():
+            return lstm(x)[0]
+
+    return train_step, infer
+
+
+def contender(name: str, units: int, steps: int) -> tuple:
+    return (_torch_contender if name.startswith("torch") else _tf_contender)(name, units, steps)
+
+
+def lstm_gflop(units: int, steps: int, directions: int, training: bool) -> float:
+    forward = 2 * BATCH * steps * (FEATURES + units) * 4 * units * directions
+    return forward * (3 if training else 1) / 1e9
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    a = tf.random.normal([n, n])
+    mm = tf.function(lambda: tf.matmul(a, a))
+    mm().numpy()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        mm().numpy()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def sweep(shapes: list[tuple[int, int]], rounds: int) -> None:
+    names = [n for n in NAMES if torch is not None or not n.startswith("torch")]
+    peak = matmul_peak_gflops()
+    print(f"# machine: {os.cpu_count()} CPUs; TF {tf.__version__}, Keras {keras.__version__}"
+          f"{', torch ' + torch.__version__ if torch else ''}; float32; batch {BATCH}, "
+          f"input {FEATURES}; matmul peak (2048^2) {peak:.0f} GFLOP/s")
+    print("| T | units | contender | train ms | vs Keras | GFLOP/s | infer ms | vs Keras |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for steps, units in shapes:
+        fns = {name: contender(name, units, steps) for name in names}
+        for train, infer in fns.values():  # trace / warm up
+            train()
+            infer()
+        times = {(name, kind): [] for name in names for kind in ("train", "infer")}
+        for _ in range(rounds):
+            for name, (train, infer) in fns.items():
+                for kind, fn in (("train", train), ("infer", infer)):
+                    start = time.perf_counter()
+                    fn()
+                    times[name, kind].append(time.perf_counter() - start)
+        med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+        for name in names:
+            bi = "Bidirectional" in name or "(bi)" in name
+            ref = "keras.Bidirectional" if bi else "keras.LSTM"
+            gflops = lstm_gflop(units, steps, 2 if bi else 1, True) / med[name, "train"] * 1e3
+            print(f"| {steps} | {units} | {name} | {med[name, 'train']:.1f} | "
+                  f"{med[ref, 'train'] / med[name, 'train']:.2f}x | {gflops:.0f} | "
+                  f"{med[name, 'infer']:.1f} | {med[ref, 'infer'] / med[name, 'infer']:.2f}x |",
+                  flush=True)
+
+
+def peak_memory(names: list[str], steps: int = 1000, units: int = 256) -> None:
+    print(f"\n| peak memory, one training step, T={steps}, units={units} | MiB over baseline |")
+    print("| --- | ---: |")
+    for name in names:
+        out = subprocess.run([sys.executable, __file__, "--memory_child", name,
+                              "--steps", str(steps), "--units", str(units)],
+                             capture_output=True, text=True, check=True).stdout
+        print(f"| {name} | {float(out.strip().splitlines()[-1]):.0f} |", flush=True)
+
+
+def memory_child(name: str, steps: int, units: int) -> None:
+    train, _ = contender(name, units, steps)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only T=100, units=256")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no_memory", action="store_true")
+    parser.add_argument("--memory_child", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=1000, help=argparse.SUPPRESS)
+    parser.add_argument("--units", type=int, default=256, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args.steps, args.units)
+    shapes = [(100, 256)] if args.quick else [
+        (t, u) for t in (50, 100, 400) for u in (128, 256, 512)]
+    sweep(shapes, args.rounds)
+    if not args.no_memory:
+        peak_memory(["lstm_tf.LSTM", "keras.LSTM"])
+
+
+if __name__ == "__main__":
+    main()

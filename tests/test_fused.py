@@ -1,0 +1,79 @@
+"""The fused path against the step-by-step path: same outputs, states and gradients."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import lstm_tf
+
+B, T, D, U = 4, 9, 6, 5  # T not a multiple of the unroll factor
+
+
+def _pair(make, x):
+    """The same layer on the step path and on the fused path, same random weights."""
+    step, fused = make(False), make(True)
+    step(x)
+    fused(x)
+    rng = np.random.default_rng(1)
+    step.set_weights([rng.normal(scale=0.5, size=w.shape).astype(w.dtype)
+                      for w in step.get_weights()])
+    fused.set_weights(step.get_weights())
+    return step, fused
+
+
+def _outputs_and_gradients(layer, x, mask, initial_state):
+    x = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        kwargs = {} if initial_state is None else {"initial_state": initial_state}
+        out = tf.nest.flatten(layer(x, mask=mask, **kwargs))
+        loss = sum(tf.reduce_sum(tf.sin(o * (k + 1.0))) for k, o in enumerate(out))
+    return out, tape.gradient(loss, [x, *layer.trainable_variables])
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("go_backwards", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fused_equals_step_path(bidirectional, go_backwards, masked, with_state):
+    if bidirectional and go_backwards:
+        pytest.skip("Bidirectional sets the directions itself")
+
+    def make(fused):
+        layer = lstm_tf.LSTM(U, return_sequences=True, return_state=True,
+                             go_backwards=go_backwards, fused=fused)
+        return lstm_tf.Bidirectional(layer) if bidirectional else layer
+
+    x = np.random.default_rng(0).normal(size=(B, T, D)).astype("float32")
+    step, fused = _pair(make, x)
+    mask = np.arange(T)[None] < np.array([T, 5, 1, 0])[:, None] if masked else None
+    state = None
+    if with_state:
+        rng = np.random.default_rng(2)
+        n_states = 4 if bidirectional else 2
+        state = [rng.normal(size=(B, U)).astype("float32") for _ in range(n_states)]
+    out_s, grad_s = _outputs_and_gradients(step, x, mask, state)
+    out_f, grad_f = _outputs_and_gradients(fused, x, mask, state)
+    for a, b in zip(out_s + grad_s, out_f + grad_f, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_picks_the_fused_path_when_it_applies():
+    assert lstm_tf.LSTM(U).can_fuse()
+    assert not lstm_tf.LSTM(U, recurrent_dropout=0.1).can_fuse()
+    assert not lstm_tf.LSTM(U, activation="relu").can_fuse()
+    assert not lstm_tf.LSTM(U, fused=False).can_fuse()
+    with pytest.raises(ValueError, match="fused=True needs"):
+        lstm_tf.LSTM(U, recurrent_dropout=0.1, fused=True)
+
+
+def test_fused_path_rejects_left_padded_masks():
+    layer = lstm_tf.LSTM(U, fused=True)
+    x = np.ones((2, T, D), "float32")
+    mask = np.ones((2, T), bool)
+    mask[1, 0] = False  # a hole at the start
+    with pytest.raises(tf.errors.InvalidArgumentError, match="right-padded"):
+        layer(x, mask=mask)
+    keras.utils.set_random_seed(0)
+    assert lstm_tf.LSTM(U, fused=False)(x, mask=mask).shape == (2, U)
