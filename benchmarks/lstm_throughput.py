@@ -155,6 +155,8 @@ def memory_child(name: str, steps: int, units: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only T=100, units=256")
+    parser.add_argument("--shape", action="append", default=[],
+                        help="T,units to run instead of the sweep (repeatable)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no_memory", action="store_true")
     parser.add_argument("--memory_child", help=argparse.SUPPRESS)
@@ -163,8 +165,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.steps, args.units)
-    shapes = [(100, 256)] if args.quick else [
-        (t, u) for t in (50, 100, 400) for u in (128, 256, 512)]
+    if args.shape:
+        shapes = [tuple(int(v) for v in shape.split(",")) for shape in args.shape]
+    elif args.quick:
+        shapes = [(100, 256)]
+    else:
+        shapes = [(t, u) for t in (50, 100, 400) for u in (128, 256, 512)]
     sweep(shapes, args.rounds)
     if not args.no_memory:
         peak_memory(["lstm_tf.LSTM", "keras.LSTM"])

@@ -5,16 +5,17 @@ What makes it fast on a CPU (measured in `benchmarks/lstm_throughput.py`):
 * The input projection x_t·W + b of every step is one large matmul before the
   loop; only h_{t-1}·U stays inside it.
 * A hand-written gradient (`tf.custom_gradient`) for the whole recurrence: the
-  forward loop keeps only h_t and C_t; the backward pass recomputes every gate
-  activation in bulk (one large matmul and element-wise ops over all steps at
-  once), so its loop is a handful of element-wise ops and dz_t·Uᵀ; the weight
-  gradient Σ_t h_{t-1}ᵀ·dz_t is one matmul after the loop.
+  forward loop keeps h_t, C_t and the pre-activations z_t; the backward pass
+  turns them into every step's gate derivatives in bulk (element-wise over all
+  steps at once), so its loop is a handful of element-wise ops and dz_t·Uᵀ;
+  the weight gradient Σ_t h_{t-1}ᵀ·dz_t is one matmul after the loop.
 * Masks become per-sequence lengths: the loop runs unmasked and the final
   state is gathered at each sequence's last real step; the backward direction
   reads each sequence reversed up to its length (`tf.reverse_sequence`).
 * Several directions (a `Bidirectional`'s two) run in the same loop as one
   batched matmul per step, not one after the other.
-* The loop is unrolled `UNROLL` steps per iteration to amortise control flow.
+* No copies of whole-sequence tensors inside the loop machinery: steps are
+  read by index, written to `TensorArray`s, and read backwards by index.
 """
 
 from __future__ import annotations
@@ -22,16 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import tensorflow as tf
-
-UNROLL = 4
-
-
-def _chunks(x: tf.Tensor, unroll: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """`[T, ...]` → `[ceil(T/unroll), unroll, ...]` (zero-padded at the end), T."""
-    steps = tf.shape(x)[0]
-    padded = -(-steps // unroll) * unroll
-    x = tf.pad(x, [[0, padded - steps]] + [[0, 0]] * (len(x.shape) - 1))
-    return tf.reshape(x, tf.concat([[padded // unroll, unroll], tf.shape(x)[1:]], 0)), steps
 
 
 def _gates(z: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -52,66 +43,48 @@ def recurrence(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
     Returns:
         `(H, C)`, each `[T, N, B, U]`: h_t and C_t after every step.
     """
-    chunks, steps = _chunks(xz, UNROLL)
+    steps = tf.shape(xz)[0]
 
-    def forward_body(k, h, c, hs, cs):
-        h_out, c_out = [], []
-        for z_x in tf.unstack(chunks[k], num=UNROLL):
-            i, f, c_candidate, o = _gates(z_x + tf.matmul(h, recurrent_kernel))
-            c = f * c + i * c_candidate
-            h = o * tf.tanh(c)
-            h_out.append(h)
-            c_out.append(c)
-        return k + 1, h, c, hs.write(k, tf.stack(h_out)), cs.write(k, tf.stack(c_out))
+    def forward_body(t, h, c, hs, cs, zs):
+        z = xz[t] + tf.matmul(h, recurrent_kernel)
+        i, f, c_candidate, o = _gates(z)
+        c = f * c + i * c_candidate
+        h = o * tf.tanh(c)
+        return t + 1, h, c, hs.write(t, h), cs.write(t, c), zs.write(t, z)
 
-    n = tf.shape(chunks)[0]
-    arrays = [tf.TensorArray(xz.dtype, size=n) for _ in range(2)]
-    _, _, _, hs, cs = tf.while_loop(lambda k, *_: k < n, forward_body, [0, h0, c0, *arrays])
-    unchunk = lambda a: tf.reshape(a.stack(), tf.concat([[-1], tf.shape(h0)], 0))[:steps]  # noqa: E731
-    hs, cs = unchunk(hs), unchunk(cs)
+    arrays = [tf.TensorArray(xz.dtype, size=steps) for _ in range(3)]
+    _, _, _, hs, cs, zs = tf.while_loop(
+        lambda t, *_: t < steps, forward_body, [0, h0, c0, *arrays])
+    hs, cs = hs.stack(), cs.stack()
 
     def grad(d_hs: tf.Tensor, d_cs: tf.Tensor) -> tuple[Any, ...]:
-        h_prev = tf.concat([h0[None], hs[:-1]], 0)
+        # Every step's gate derivatives at once, from the saved pre-activations.
+        i, f, g, o = _gates(zs.stack())
         c_prev = tf.concat([c0[None], cs[:-1]], 0)
-        # Every step's gates at once: xz + h_{t-1}·U as one batched matmul.
-        shape = tf.shape(h_prev)
-        h_rows = tf.reshape(tf.transpose(h_prev, [1, 0, 2, 3]), [shape[1], -1, shape[3]])
-        z_h = tf.transpose(tf.reshape(tf.matmul(h_rows, recurrent_kernel),
-                                      [shape[1], shape[0], shape[2], -1]), [1, 0, 2, 3])
-        i, f, g, o = _gates(xz + z_h)
         tanh_c = tf.tanh(cs)
         # Per step: dh = dH_t + dh_rec; dC = dC_t + dC_rec + dh·o·(1 - tanh²C_t);
         # dz_o = dh·tanh(C_t)·o(1-o); (dz_i, dz_f, dz_c) = dC·(g·i(1-i), C_{t-1}·f(1-f), i(1-g²)).
-        per_step = tf.concat([
-            d_hs, d_cs, o * (1 - tanh_c * tanh_c), tanh_c * o * (1 - o), f,
-            g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], axis=-1)
-        back_chunks, _ = _chunks(tf.reverse(per_step, [0]), UNROLL)
-        units = tf.shape(h0)[-1]
+        a_c = o * (1 - tanh_c * tanh_c)
+        a_o = tanh_c * o * (1 - o)
+        a_ifc = tf.concat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], -1)
+        # matmul(dz, Uᵀ) with Uᵀ made once: transpose_b inside the loop is ~2x slower.
+        kernel_t = tf.transpose(recurrent_kernel, [0, 2, 1])
 
         def backward_body(k, dh_rec, dc_rec, dzs):
-            dz_out = []
-            for row in tf.unstack(back_chunks[k], num=UNROLL):
-                d_h, d_c, a_c, a_o, f_t, a_ifc = tf.split(
-                    row, [units, units, units, units, units, 3 * units], axis=-1)
-                dh = d_h + dh_rec
-                dc = d_c + dc_rec + dh * a_c
-                dz = tf.concat([tf.tile(dc, [1, 1, 3]) * a_ifc, dh * a_o], -1)
-                dh_rec = tf.matmul(dz, recurrent_kernel, transpose_b=True)
-                dc_rec = dc * f_t
-                dz_out.append(dz)
-            return k + 1, dh_rec, dc_rec, dzs.write(k, tf.stack(dz_out))
+            t = steps - 1 - k
+            dh = d_hs[t] + dh_rec
+            dc = d_cs[t] + dc_rec + dh * a_c[t]
+            dz = tf.concat([tf.tile(dc, [1, 1, 3]) * a_ifc[t], dh * a_o[t]], -1)
+            return k + 1, tf.matmul(dz, kernel_t), dc * f[t], dzs.write(t, dz)
 
-        n_back = tf.shape(back_chunks)[0]
         zeros = tf.zeros_like(h0)
-        # Padded steps (at the reversed end) have all-zero rows: they change nothing.
         _, dh0, dc0, dzs = tf.while_loop(
-            lambda k, *_: k < n_back, backward_body,
-            [0, zeros, zeros, tf.TensorArray(xz.dtype, size=n_back)])
-        dz = tf.reverse(tf.reshape(dzs.stack(), tf.concat([[-1], tf.shape(xz)[1:]], 0))[:steps],
-                        [0])
+            lambda k, *_: k < steps, backward_body,
+            [0, zeros, zeros, tf.TensorArray(xz.dtype, size=steps)])
+        dz = dzs.stack()
         # Σ_t h_{t-1}ᵀ·dz_t, one matmul per direction.
-        dz_rows = tf.reshape(tf.transpose(dz, [1, 0, 2, 3]), [shape[1], -1, 4 * shape[3]])
-        d_kernel = tf.matmul(h_rows, dz_rows, transpose_a=True)
+        h_prev = tf.concat([h0[None], hs[:-1]], 0)
+        d_kernel = tf.einsum("tnbu,tnbk->nuk", h_prev, dz)
         return dz, dh0, dc0, d_kernel
 
     return (hs, cs), grad
@@ -144,10 +117,11 @@ def run(xs: list[tf.Tensor], kernels: list[Any], recurrent_kernels: list[Any],
             x = tf.reverse(x, [1]) if lengths is None else tf.reverse_sequence(x, lengths, 1, 0)
         z = tf.einsum("btd,dk->tbk", x, kernel)
         projections.append(z if bias is None else z + bias)
-    hs, cs = recurrence(tf.stack(projections, 1),
-                        tf.stack([s[0] for s in initial_states]),
-                        tf.stack([s[1] for s in initial_states]),
-                        tf.stack(recurrent_kernels))
+    # Stacking one tensor would copy it: a reshape does not.
+    stack = lambda ts, axis=0: tf.expand_dims(ts[0], axis) if len(ts) == 1 else tf.stack(  # noqa: E731
+        ts, axis)
+    hs, cs = recurrence(stack(projections, 1), stack([s[0] for s in initial_states]),
+                        stack([s[1] for s in initial_states]), stack(recurrent_kernels))
     results = []
     for n, backwards in enumerate(go_backwards):
         h_seq = tf.transpose(hs[:, n], [1, 0, 2])  # [B, T, U]
