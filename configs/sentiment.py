@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data_dir = ""  # empty: TFDS_DATA_DIR, else TFDS's default
     config.download = True  # let TFDS download data that is not prepared
     # Text -> tokens.
-    config.vocab_size = 20000
+    config.vocab_size = 10000  # 20000: 87.6 % test (90.0 % validation), more overfitting
     config.max_length = 500  # tokens kept from the start of each review
     config.bucket_width = 50  # batches hold reviews of similar length
     # Model.

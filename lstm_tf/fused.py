@@ -55,11 +55,13 @@ def recurrence(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
     arrays = [tf.TensorArray(xz.dtype, size=steps) for _ in range(3)]
     _, _, _, hs, cs, zs = tf.while_loop(
         lambda t, *_: t < steps, forward_body, [0, h0, c0, *arrays])
-    hs, cs = hs.stack(), cs.stack()
+    # (The gradient must capture plain tensors, not TensorArrays, so that
+    # `model.export` can save a model that holds this function.)
+    hs, cs, zs = hs.stack(), cs.stack(), zs.stack()
 
     def grad(d_hs: tf.Tensor, d_cs: tf.Tensor) -> tuple[Any, ...]:
         # Every step's gate derivatives at once, from the saved pre-activations.
-        i, f, g, o = _gates(zs.stack())
+        i, f, g, o = _gates(zs)
         c_prev = tf.concat([c0[None], cs[:-1]], 0)
         tanh_c = tf.tanh(cs)
         # Per step: dh = dH_t + dh_rec; dC = dC_t + dC_rec + dh·o·(1 - tanh²C_t);

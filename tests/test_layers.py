@@ -218,6 +218,8 @@ def test_keras_file_round_trip(tmp_path):
 def test_saved_model_serves_without_lstm_tf(tmp_path):
     model = _tiny_model()
     x = _data()
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, np.zeros((B, U), "float32"), verbose=0)  # a traced gradient must not break export
     np.save(tmp_path / "x.npy", x)
     model.export(str(tmp_path / "export"), verbose=False)
     script = textwrap.dedent(f"""
