@@ -8,15 +8,15 @@ mean of squared outputs) with the gradient of every weight; inference = forward 
 contender runs in graph mode (tf.function; torch eager, as torch users run it), interleaved
 round by round so that machine noise hits all alike; the table gives medians and ratios to
 Keras. GFLOP/s counts the LSTM matmuls (3x the forward's for a training step) against a
-2048x2048 matmul measured in the same run. Peak memory: max RSS of a fresh process running
-one training step at T=1000, units=256 (minus the same process before the step).
+2048x2048 matmul measured in the same run. Peak memory: the peak of TensorFlow's CPU allocator
+(`tf.config.experimental.get_memory_info`) during one training step at T=1000, units=256, each
+contender in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -136,20 +136,22 @@ def sweep(shapes: list[tuple[int, int]], rounds: int) -> None:
 
 
 def peak_memory(names: list[str], steps: int = 1000, units: int = 256) -> None:
-    print(f"\n| peak memory, one training step, T={steps}, units={units} | MiB over baseline |")
+    print(f"\n| T={steps}, units={units}, one training step | peak TF CPU memory |")
     print("| --- | ---: |")
     for name in names:
         out = subprocess.run([sys.executable, __file__, "--memory_child", name,
                               "--steps", str(steps), "--units", str(units)],
                              capture_output=True, text=True, check=True).stdout
-        print(f"| {name} | {float(out.strip().splitlines()[-1]):.0f} |", flush=True)
+        print(f"| {name} | {float(out.strip().splitlines()[-1]):.0f} MiB |", flush=True)
 
 
 def memory_child(name: str, steps: int, units: int) -> None:
+    """Prints the peak of TensorFlow's CPU allocator (MiB) during one training step."""
     train, _ = contender(name, units, steps)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train()  # trace
+    tf.config.experimental.reset_memory_stats("CPU:0")
     train()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print(tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20)
 
 
 def main() -> None:

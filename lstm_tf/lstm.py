@@ -10,6 +10,9 @@ import keras
 from lstm_tf import fused as fused_lib
 from lstm_tf.cell import LSTMCell
 
+# `fused="auto"` takes the fused path from this many units up (benchmarks/).
+FUSED_MIN_UNITS = 256
+
 # Every `LSTMCell` constructor argument after `units` (not `**kwargs`).
 _CELL_ARGS = tuple(inspect.signature(LSTMCell.__init__).parameters)[2:-1]
 
@@ -32,10 +35,12 @@ class LSTM(keras.layers.RNN):
         stateful: Carry the final state of batch k into batch k+1 (needs a
             fixed batch size); clear it with `reset_state()`.
         unroll: Unroll the step loop (short sequences only).
-        fused: `"auto"` (default) runs the fast fused path (`lstm_tf.fused`)
-            whenever it applies and the step-by-step `LSTMCell` loop
-            otherwise; `False` always runs the step loop; `True` requires the
-            fused path. It applies when `activation="tanh"`,
+        fused: `"auto"` (default) runs the fused path (`lstm_tf.fused`) when
+            it applies and `units >= 256` (where it measured faster to train
+            than the step loop on a 2-core CPU; below, slower: see the README),
+            and the step-by-step `LSTMCell` loop otherwise; `False` always runs
+            the step loop; `True` requires the fused path, at any size. It
+            applies when `activation="tanh"`,
             `recurrent_activation="sigmoid"`, `recurrent_dropout=0`,
             `unroll=False`, and masks (if any) are right-padded (real steps
             first; other masks raise an error on this path: use
@@ -102,18 +107,12 @@ class LSTM(keras.layers.RNN):
         """Whether this configuration runs on the fused path."""
         cell = self.cell
         return (
-            self.fused is not False
+            (self.fused is True or (self.fused == "auto" and cell.units >= FUSED_MIN_UNITS))
             and cell.activation is keras.activations.tanh
             and cell.recurrent_activation is keras.activations.sigmoid
             and cell.recurrent_dropout == 0
             and not self.unroll
         )
-
-    def fused_inputs(self, sequences: Any, training: bool) -> Any:
-        """`sequences` after this layer's (variational) input dropout."""
-        if training and self.cell.dropout > 0:
-            return sequences * self.cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
-        return sequences
 
     def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool = False) -> tuple:
@@ -122,11 +121,13 @@ class LSTM(keras.layers.RNN):
         if isinstance(mask, (list, tuple)):
             mask = mask[0]
         cell = self.cell
+        if training and cell.dropout > 0:  # the same mask at every step
+            sequences = sequences * cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
         return fused_lib.run(
-            [self.fused_inputs(sequences, training)], [cell.kernel], [cell.recurrent_kernel],
-            [cell.bias], [self.go_backwards], [list(initial_state)],
+            sequences, cell.kernel, cell.recurrent_kernel,
+            cell.bias, self.go_backwards, list(initial_state),
             None if mask is None else fused_lib.right_padded_lengths(mask),
-            self.zero_output_for_mask)[0]
+            self.zero_output_for_mask)
 
     def build(self, sequences_shape: tuple, initial_state_shape: Any = None) -> None:
         if len(sequences_shape) != 3:

@@ -60,10 +60,13 @@ def test_fused_equals_step_path(bidirectional, go_backwards, masked, with_state)
 
 
 def test_auto_picks_the_fused_path_when_it_applies():
-    assert lstm_tf.LSTM(U).can_fuse()
-    assert not lstm_tf.LSTM(U, recurrent_dropout=0.1).can_fuse()
-    assert not lstm_tf.LSTM(U, activation="relu").can_fuse()
-    assert not lstm_tf.LSTM(U, fused=False).can_fuse()
+    big = lstm_tf.lstm.FUSED_MIN_UNITS
+    assert lstm_tf.LSTM(big).can_fuse()
+    assert not lstm_tf.LSTM(big - 1).can_fuse()
+    assert lstm_tf.LSTM(U, fused=True).can_fuse()
+    assert not lstm_tf.LSTM(big, recurrent_dropout=0.1).can_fuse()
+    assert not lstm_tf.LSTM(big, activation="relu").can_fuse()
+    assert not lstm_tf.LSTM(big, fused=False).can_fuse()
     with pytest.raises(ValueError, match="fused=True needs"):
         lstm_tf.LSTM(U, recurrent_dropout=0.1, fused=True)
 
