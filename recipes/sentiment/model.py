@@ -43,6 +43,8 @@ def create_model(config: Any) -> keras.Model:
     """`(batch, time)` int ids, 0 = padding → `(batch, 1)` P(positive)."""
     tokens = keras.Input((None,), dtype="int64", name="tokens")
     x = keras.layers.Embedding(config.vocab_size, config.embedding_dim, mask_zero=True)(tokens)
+    # Word dropout: drops whole token vectors (one draw per token, all features).
+    x = keras.layers.Dropout(config.word_dropout, noise_shape=(None, None, 1))(x)
     x = keras.layers.Dropout(config.dropout)(x)
     for _ in range(config.num_layers):
         x = lstm_tf.Bidirectional(lstm_tf.LSTM(

@@ -20,6 +20,7 @@ CONFIG_RULES = {
     "embedding_dim": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "lstm_units": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "num_layers": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+    "word_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "lstm_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
@@ -78,7 +79,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     sample_ids, _ = next(iter(val_ds))
     logdir = workdir / "tensorboard"
     callbacks = recipe.training_callbacks(
-        workdir, monitor="val_accuracy", mode="max",
+        workdir, monitor="val_loss", mode="min",
         early_stopping_patience=config.early_stopping_patience) + [
         recipe.EpochSummaries(logdir / "metrics", config.to_dict()),
         recipe.GateHistograms(logdir / "gates", sample_ids[:32]),
