@@ -107,9 +107,10 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
 def sweep(shapes: list[tuple[int, int]], rounds: int) -> None:
     names = [n for n in NAMES if torch is not None or not n.startswith("torch")]
     peak = matmul_peak_gflops()
-    print(f"# machine: {os.cpu_count()} CPUs; TF {tf.__version__}, Keras {keras.__version__}"
+    print(f"Measured on this machine, {os.cpu_count()} CPUs; TF {tf.__version__}, "
+          f"Keras {keras.__version__}"
           f"{', torch ' + torch.__version__ if torch else ''}; float32; batch {BATCH}, "
-          f"input {FEATURES}; matmul peak (2048^2) {peak:.0f} GFLOP/s")
+          f"input {FEATURES}; matmul peak (2048^2) {peak:.0f} GFLOP/s.\n")
     print("| T | units | contender | train ms | vs Keras | GFLOP/s | infer ms | vs Keras |")
     print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for steps, units in shapes:

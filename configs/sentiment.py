@@ -2,7 +2,7 @@
 
 Default (the real recipe):
     python -m recipes.sentiment --workdir=runs/sentiment
-should take about 4 minutes on 2 CPU cores and reach 88.0 % test accuracy (README: Results).
+should take about 3 minutes on 2 CPU cores and reach 88.0 % test accuracy (README: Results).
 
 Variant `smoke` (tests and CI; well under a minute on 2 cores):
     python -m recipes.sentiment --workdir=/tmp/smoke --config=configs/sentiment.py:smoke

@@ -116,10 +116,10 @@ def data_dir(config_data_dir: str | None) -> str | None:
 
 def load_tfds(name: str, splits: list[str], config_data_dir: str | None,
               download: bool = True) -> list[tf.data.Dataset]:
-    """`tfds.load` of several splits with one-line errors for the usual mistakes.
+    """Loads several splits like `tfds.load(..., try_gcs=False)`, with one-line errors.
 
-    This is the ordinary TFDS path (`try_gcs=False`): where the data is not
-    prepared and `download` is true, TFDS downloads and prepares it.
+    The ordinary TFDS path: where the data is not prepared and `download` is
+    true, TFDS downloads and prepares it (from the source, not from GCS).
     """
     where = data_dir(config_data_dir)
     try:
@@ -137,7 +137,8 @@ def load_tfds(name: str, splits: list[str], config_data_dir: str | None,
             )
         logging.info("%s is not in %s: downloading it with TFDS", name, shown)
         try:
-            builder.download_and_prepare()
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         except Exception as e:  # network errors come in many types
             raise RecipeError(
                 f"dataset {name!r} is not in {shown} and downloading it failed "

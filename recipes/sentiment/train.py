@@ -50,7 +50,7 @@ def export(model: keras.Model, vectorizer: keras.layers.TextVectorization, confi
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
-    """Trains on config.train_split, keeps the best on validation, tests, exports.
+    """Trains on config.train_split, keeps the best validation loss, tests, exports.
 
     Writes to `workdir`: config.json, vocab.txt, tensorboard/, backup/ (while
     training), checkpoints/, metrics.json and export/<version>/. Rerunning a
