@@ -3,14 +3,15 @@
     python benchmarks/lstm_throughput.py            # the sweep (B=64, D=128; T x units)
     python benchmarks/lstm_throughput.py --quick    # only the reference shape T=100, units=256
 
-A training step = forward + backward of a [B, T, D] float32 batch (return_sequences, loss =
-mean of squared outputs) with the gradient of every weight; inference = forward only. Every
-contender runs in graph mode (tf.function; torch eager, as torch users run it), interleaved
-round by round so that machine noise hits all alike; the table gives medians and ratios to
-Keras. GFLOP/s counts the LSTM matmuls (3x the forward's for a training step) against a
-2048x2048 matmul measured in the same run. Peak memory: the peak of TensorFlow's CPU allocator
-(`tf.config.experimental.get_memory_info`) during one training step at T=1000, units=256, each
-contender in a fresh process.
+A training step = forward + backward of a [B, T, D] float32 batch (return_sequences, loss = mean
+of squared outputs) with the gradient of every weight; inference = forward only. Every contender
+runs in graph mode (tf.function; torch eager, as torch users run it), interleaved round by round
+(who goes first rotates) so that machine noise hits all alike; TensorFlow's contenders first,
+then torch's, whose spinning OpenMP threads would slow down the next contender; the table gives
+medians and ratios to Keras. GFLOP/s counts the LSTM matmuls (3x the forward's for a training
+step) against a 2048x2048 matmul measured in the same run. Peak memory: the peak of TensorFlow's
+CPU allocator (`tf.config.experimental.get_memory_info`) during one training step at T=1000,
+units=256, each contender in a fresh process.
 """
 
 from __future__ import annotations
@@ -119,12 +120,17 @@ def sweep(shapes: list[tuple[int, int]], rounds: int) -> None:
             train()
             infer()
         times = {(name, kind): [] for name in names for kind in ("train", "infer")}
-        for _ in range(rounds):
-            for name, (train, infer) in fns.items():
-                for kind, fn in (("train", train), ("infer", infer)):
-                    start = time.perf_counter()
-                    fn()
-                    times[name, kind].append(time.perf_counter() - start)
+        # TensorFlow's contenders interleaved, then torch's: torch's OpenMP threads spin after
+        # each call and slowed down whichever TF contender ran next (0.75x instead of 0.96x).
+        for group in ([n for n in names if not n.startswith("torch")],
+                      [n for n in names if n.startswith("torch")]):
+            for r in range(rounds):
+                for name in group[r % len(group):] + group[:r % len(group)]:  # rotate the first
+                    train, infer = fns[name]
+                    for kind, fn in (("train", train), ("infer", infer)):
+                        start = time.perf_counter()
+                        fn()
+                        times[name, kind].append(time.perf_counter() - start)
         med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
         for name in names:
             bi = "Bidirectional" in name or "(bi)" in name
@@ -161,11 +167,15 @@ def main() -> None:
     parser.add_argument("--shape", action="append", default=[],
                         help="T,units to run instead of the sweep (repeatable)")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no_torch", action="store_true", help="leave torch out")
     parser.add_argument("--no_memory", action="store_true")
     parser.add_argument("--memory_child", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=1000, help=argparse.SUPPRESS)
     parser.add_argument("--units", type=int, default=256, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.no_torch:
+        global torch
+        torch = None
     if args.memory_child:
         return memory_child(args.memory_child, args.steps, args.units)
     if args.shape:
