@@ -10,7 +10,7 @@ import keras
 from lstm_tf import fused as fused_lib
 from lstm_tf.cell import LSTMCell
 
-# `fused="auto"` takes the fused path from this many units up (benchmarks/).
+# `fused="auto"` trains on the fused path from this many units up (benchmarks/).
 FUSED_MIN_UNITS = 256
 
 # Every `LSTMCell` constructor argument after `units` (not `**kwargs`).
@@ -35,11 +35,12 @@ class LSTM(keras.layers.RNN):
         stateful: Carry the final state of batch k into batch k+1 (needs a
             fixed batch size); clear it with `reset_state()`.
         unroll: Unroll the step loop (short sequences only).
-        fused: `"auto"` (default) runs the fused path (`lstm_tf.fused`) when
-            it applies and `units >= 256` (where it measured faster to train
-            than the step loop on a 2-core CPU; below, slower: see the README),
-            and the step-by-step `LSTMCell` loop otherwise; `False` always runs
-            the step loop; `True` requires the fused path, at any size. It
+        fused: `"auto"` (default) runs the fused path (`lstm_tf.fused`) for
+            training calls (`training=True`, as in `fit`) when it applies and
+            `units >= 256`, where it measured faster than the step loop on a
+            2-core CPU (smaller layers and inference: not faster, see the
+            README), and the step-by-step `LSTMCell` loop otherwise; `False`
+            always runs the step loop; `True` always the fused path. It
             applies when `activation="tanh"`,
             `recurrent_activation="sigmoid"`, `recurrent_dropout=0`,
             `unroll=False`, and masks (if any) are right-padded (real steps
@@ -104,19 +105,25 @@ class LSTM(keras.layers.RNN):
         return self.cell.units
 
     def can_fuse(self) -> bool:
-        """Whether this configuration runs on the fused path."""
+        """Whether this configuration allows the fused path."""
         cell = self.cell
         return (
-            (self.fused is True or (self.fused == "auto" and cell.units >= FUSED_MIN_UNITS))
+            self.fused is not False
             and cell.activation is keras.activations.tanh
             and cell.recurrent_activation is keras.activations.sigmoid
             and cell.recurrent_dropout == 0
             and not self.unroll
         )
 
+    def uses_fused_path(self, training: bool) -> bool:
+        """Whether a call with this `training` flag runs on the fused path."""
+        if self.fused is True:
+            return True
+        return self.can_fuse() and bool(training) and self.units >= FUSED_MIN_UNITS
+
     def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool = False) -> tuple:
-        if not self.can_fuse():
+        if not self.uses_fused_path(training):
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if isinstance(mask, (list, tuple)):
             mask = mask[0]

@@ -61,12 +61,13 @@ def test_fused_equals_step_path(bidirectional, go_backwards, masked, with_state)
 
 def test_auto_picks_the_fused_path_when_it_applies():
     big = lstm_tf.lstm.FUSED_MIN_UNITS
-    assert lstm_tf.LSTM(big).can_fuse()
-    assert not lstm_tf.LSTM(big - 1).can_fuse()
-    assert lstm_tf.LSTM(U, fused=True).can_fuse()
-    assert not lstm_tf.LSTM(big, recurrent_dropout=0.1).can_fuse()
-    assert not lstm_tf.LSTM(big, activation="relu").can_fuse()
-    assert not lstm_tf.LSTM(big, fused=False).can_fuse()
+    assert lstm_tf.LSTM(big).uses_fused_path(training=True)
+    assert not lstm_tf.LSTM(big).uses_fused_path(training=False)  # inference: step loop
+    assert not lstm_tf.LSTM(big - 1).uses_fused_path(training=True)
+    assert lstm_tf.LSTM(U, fused=True).uses_fused_path(training=False)
+    assert not lstm_tf.LSTM(big, recurrent_dropout=0.1).uses_fused_path(training=True)
+    assert not lstm_tf.LSTM(big, activation="relu").uses_fused_path(training=True)
+    assert not lstm_tf.LSTM(big, fused=False).uses_fused_path(training=True)
     with pytest.raises(ValueError, match="fused=True needs"):
         lstm_tf.LSTM(U, recurrent_dropout=0.1, fused=True)
 
