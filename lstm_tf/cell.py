@@ -46,6 +46,10 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
             Optional regularizers of W, U and b.
         kernel_constraint, recurrent_constraint, bias_constraint:
             Optional constraints of W, U and b.
+        chrono_max_delay: If set to T_max > 2, "chrono" initialization (Tallec &
+            Ollivier, 2018): forget-gate bias b_f ~ log(U[1, T_max - 1]) and
+            input-gate bias b_i = -b_f, for dependencies up to ~T_max steps.
+            Replaces `bias_initializer` and `unit_forget_bias` on those blocks.
         dropout: Fraction of the inputs x_t to drop. Variational: one mask per
             sequence, the same at every step, and only when training.
         recurrent_dropout: Fraction of h_{t-1} to drop, likewise variational.
@@ -86,6 +90,7 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
         dropout: float = 0.0,
         recurrent_dropout: float = 0.0,
         seed: int | None = None,
+        chrono_max_delay: int | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(units, int) or units <= 0:
@@ -93,8 +98,11 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
         for name, rate in (("dropout", dropout), ("recurrent_dropout", recurrent_dropout)):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1); got {rate!r}.")
+        if chrono_max_delay is not None and chrono_max_delay <= 2:
+            raise ValueError(f"`chrono_max_delay` must be > 2; got {chrono_max_delay!r}.")
         super().__init__(**kwargs)
         self.units = units
+        self.chrono_max_delay = chrono_max_delay
         self.activation = keras.activations.get(activation)
         self.recurrent_activation = keras.activations.get(recurrent_activation)
         self.use_bias = use_bias
@@ -142,10 +150,15 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
             )
 
     def _initial_bias(self, shape: tuple, dtype: Any = None) -> Any:
-        """`bias_initializer`, plus 1 on the forget block if `unit_forget_bias`."""
+        """`bias_initializer`, plus 1 on the forget block if `unit_forget_bias`;
+        chrono initialization of the input and forget blocks if `chrono_max_delay`."""
         bias = self.bias_initializer(shape, dtype=dtype)
+        n = self.units
+        if self.chrono_max_delay is not None:
+            b_f = ops.log(keras.random.uniform(
+                (n,), 1.0, self.chrono_max_delay - 1.0, dtype=dtype, seed=self.seed))
+            return ops.concatenate([-b_f, b_f, bias[2 * n :]], axis=0)
         if self.unit_forget_bias:
-            n = self.units
             bias = ops.concatenate(
                 [bias[:n], bias[n : 2 * n] + 1.0, bias[2 * n :]], axis=0
             )
@@ -212,5 +225,6 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
             "dropout": self.dropout,
             "recurrent_dropout": self.recurrent_dropout,
             "seed": self.seed,
+            "chrono_max_delay": self.chrono_max_delay,
         }
         return {**super().get_config(), **config}

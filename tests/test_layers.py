@@ -115,6 +115,21 @@ def test_cell_inside_keras_rnn_matches_keras_lstm():
     _assert_close(ours(x), ref(x))
 
 
+def test_chrono_initialization():
+    t_max = 500
+    layer = LSTM(64, chrono_max_delay=t_max)
+    layer(_data())
+    bias = layer.get_weights()[2]
+    b_i, b_f, rest = bias[:64], bias[64:128], bias[128:]
+    assert (b_f >= 0).all() and (b_f <= np.log(t_max - 1)).all()
+    assert b_f.std() > 0.5 and np.log(t_max - 1) - b_f.max() < 1.0  # spread over the range
+    np.testing.assert_array_equal(b_i, -b_f)
+    np.testing.assert_array_equal(rest, 0.0)
+    assert lstm_tf.LSTM.from_config(layer.get_config()).cell.chrono_max_delay == t_max
+    with pytest.raises(ValueError, match="chrono_max_delay"):
+        lstm_tf.LSTMCell(4, chrono_max_delay=2)
+
+
 def test_unit_forget_bias():
     layer = LSTM(U)
     layer(_data())
