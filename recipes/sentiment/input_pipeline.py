@@ -8,7 +8,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from lstm_tf.recipe import load_tfds
+from lstm_tf.recipe import RecipeError, load_tfds
 
 
 def load_splits(config: Any) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Dataset]:
@@ -20,8 +20,6 @@ def load_splits(config: Any) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.
     try:
         return tuple(ds.map(pick) for ds in splits)
     except KeyError:
-        from lstm_tf.recipe import RecipeError
-
         features = list(splits[0].element_spec)
         raise RecipeError(
             f"--config.text_feature={config.text_feature!r} / --config.label_feature="
@@ -79,10 +77,9 @@ def batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, con
         num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         ds = ds.filter(lambda ids, label: tf.size(ids) > 0)
-        ds = ds.cache().shuffle(config.shuffle_buffer, seed=config.seed,
-                                reshuffle_each_iteration=True)
-    else:
-        ds = ds.cache()
+    ds = ds.cache()
+    if training:
+        ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
     boundaries = list(range(config.bucket_width, config.max_length + 1, config.bucket_width))
     ds = ds.bucket_by_sequence_length(
         lambda ids, label: tf.size(ids),
