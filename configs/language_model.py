@@ -1,0 +1,97 @@
+"""LSTM language models (recipes.language_model).
+
+Variants (`--config=configs/language_model.py:VARIANT`):
+- `shakespeare` (default): character level, TFDS `tiny_shakespeare`.
+- `ptb_small`, `ptb_medium`: word-level Penn Treebank, the "small" and "medium"
+  configurations of Zaremba, Sutskever & Vinyals (2014), read from Mikolov's
+  `ptb.{train,valid,test}.txt` in `--config.text_dir`.
+- `smoke`: a tiny character-level run for tests (seconds).
+README: Results gives each one's numbers and wall time on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("shakespeare", "ptb_small", "ptb_medium", "smoke")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "shakespeare"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {arg!r} of configs/language_model.py "
+                         f"(known: {', '.join(VARIANTS)})")
+    config = ml_collections.ConfigDict()
+    # Data: a TFDS dataset with a text feature, or (dataset="") plain-text files
+    # text_dir/text_files.format(split=...) with one sentence per line.
+    config.level = "char"  # "char" or "word"
+    config.dataset = "tiny_shakespeare"
+    config.text_feature = "text"
+    config.data_dir = ""  # empty: TFDS_DATA_DIR, else TFDS's default
+    config.download = True  # let TFDS download data that is not prepared
+    config.text_dir = ""
+    config.text_files = "ptb.{split}.txt"
+    config.train_split = "train"
+    config.validation_split = "validation"
+    config.test_split = "test"
+    config.max_chars = 0  # > 0: keep only the first max_chars characters of each split
+    config.vocab_size = 0  # 0: every token of the training split, plus the unknown token
+    config.unknown_token = "\ufffd"  # id 0: tokens not in the vocabulary
+    config.start_token = "\n"  # what scoring and generation start from
+    # Model: Embedding -> num_layers x LSTM(units) -> Dense(vocab), dropout between.
+    config.embedding_dim = 128
+    config.units = 512
+    config.num_layers = 2
+    config.dropout = 0.2
+    config.init_scale = 0.1  # all weights ~ U[-init_scale, init_scale]
+    # Truncated BPTT: batch_size parallel streams, num_steps tokens per batch.
+    config.batch_size = 64
+    config.num_steps = 100
+    config.epochs = 30
+    config.optimizer = "adam"  # "sgd" or "adam"
+    config.learning_rate = 2e-3
+    config.lr_decay = 0.9  # lr = learning_rate * lr_decay ** max(epoch - decay_after, 0)
+    config.decay_after = 10
+    config.clipnorm = 5.0  # global norm of the gradient of the per-sequence loss
+    # Evaluation and samples.
+    config.score_chunk = 256  # time steps per chunk when scoring a whole split
+    # The per-epoch validation cuts the split at line ends into eval_rows pieces scored
+    # side by side, each from the start state; the final numbers score it as one stream.
+    config.eval_rows = 16
+    config.sample_prompt = "ROMEO:"
+    config.sample_tokens = 300  # per epoch, to TensorBoard (0: none)
+    config.sample_temperature = 0.8
+    config.seed = 0
+
+    if variant.startswith("ptb"):
+        config.level = "word"
+        config.dataset = ""
+        config.text_dir = "../shared/data/ptb"
+        config.train_split, config.validation_split, config.test_split = (
+            "train", "valid", "test")
+        config.vocab_size = 10000
+        config.unknown_token = "<unk>"
+        config.start_token = "<eos>"
+        config.sample_prompt = "the company said"
+        config.sample_tokens = 50
+        config.optimizer = "sgd"
+        config.learning_rate = 1.0
+    if variant == "ptb_small":
+        config.embedding_dim = config.units = 200
+        config.dropout = 0.0
+        config.batch_size, config.num_steps = 20, 20
+        config.epochs, config.decay_after, config.lr_decay = 13, 4, 0.5
+    elif variant == "ptb_medium":
+        config.embedding_dim = config.units = 650
+        config.dropout = 0.5
+        config.init_scale = 0.05
+        config.batch_size, config.num_steps = 20, 35
+        config.epochs, config.decay_after, config.lr_decay = 39, 6, 0.8
+    elif variant == "smoke":
+        config.max_chars = 20000  # (each tiny_shakespeare split is one example)
+        config.embedding_dim = 16
+        config.units = 32
+        config.batch_size, config.num_steps = 8, 32
+        config.epochs = 2
+        config.sample_tokens = 20
+    return config

@@ -1,0 +1,1 @@
+"""recipes.language_model: LSTM language models (char-level Shakespeare, word-level PTB)."""

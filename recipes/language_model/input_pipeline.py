@@ -1,0 +1,116 @@
+"""Corpus → vocabulary → one token stream per split → TBPTT batches.
+
+A corpus is either a TFDS dataset whose examples hold text (`tiny_shakespeare`:
+one example per split) or a directory of plain-text files in Mikolov's PTB
+format (`ptb.train.txt`, ...: one sentence per line, tokens separated by
+spaces). Each split becomes one stream: the examples' texts in order, each line
+end a token (`<eos>` at word level, `"\\n"` at character level).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from lstm_tf.recipe import RecipeError, load_tfds
+
+
+def tokenize(text: tf.Tensor, level: str) -> tf.RaggedTensor:
+    """`[batch]` strings → `[batch, (tokens)]` strings.
+
+    Character level: Unicode characters (line ends included). Word level:
+    whitespace-separated words, each line end an `<eos>` token.
+    """
+    if level == "char":
+        return tf.strings.unicode_split(text, "UTF-8")
+    return tf.strings.split(tf.strings.regex_replace(text, "\n", " <eos> "))
+
+
+def read_splits(config: Any) -> list[str]:
+    """The train, validation and test texts, each as one string (`max_chars` at most)."""
+    texts = _read_splits(config)
+    return [text[:config.max_chars] for text in texts] if config.max_chars else texts
+
+
+def _read_splits(config: Any) -> list[str]:
+    splits = [config.train_split, config.validation_split, config.test_split]
+    if config.dataset:
+        datasets = load_tfds(config.dataset, splits, config.data_dir, download=config.download)
+        try:
+            return [b"".join(ex[config.text_feature].numpy() for ex in ds).decode("utf-8")
+                    for ds in datasets]
+        except KeyError:
+            features = list(datasets[0].element_spec)
+            raise RecipeError(
+                f"--config.text_feature={config.text_feature!r} is not a feature of "
+                f"{config.dataset!r} (it has {features})") from None
+    text_dir = pathlib.Path(config.text_dir).expanduser()
+    texts = []
+    for split in splits:
+        path = text_dir / config.text_files.format(split=split)
+        if not path.is_file():
+            raise RecipeError(
+                f"no corpus file {path}; set --config.text_dir to the directory holding "
+                f"{config.text_files.format(split='{train,valid,test}')}")
+        texts.append(path.read_text(encoding="utf-8"))
+    return texts
+
+
+def build_vocabulary(config: Any, train_text: str, vocab_file: pathlib.Path) -> list[str]:
+    """The training split's tokens, most frequent first, without the unknown token.
+
+    At most `config.vocab_size - 1` of them (0: all); every other token maps to
+    `config.unknown_token` (id 0). Kept in `vocab_file` (JSON), so a resumed run
+    and the export use the same ids.
+    """
+    if vocab_file.exists():
+        return json.loads(vocab_file.read_text(encoding="utf-8"))
+    tokens = tokenize(tf.constant([train_text]), config.level)[0].numpy()
+    counts = collections.Counter(t.decode("utf-8") for t in tokens)
+    counts.pop(config.unknown_token, None)
+    vocab = sorted(counts, key=lambda t: (-counts[t], t))
+    if config.vocab_size:
+        vocab = vocab[:config.vocab_size - 1]
+    tmp = vocab_file.with_name(f".{vocab_file.name}.tmp")
+    tmp.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(vocab_file)
+    return vocab
+
+
+def make_lookup(config: Any, vocab: list[str], invert: bool = False) -> keras.layers.StringLookup:
+    """token → id (0 = unknown), or id → token with `invert=True`."""
+    return keras.layers.StringLookup(vocabulary=vocab, oov_token=config.unknown_token,
+                                     invert=invert, output_mode="int")
+
+
+def to_stream(text: str, lookup: keras.layers.StringLookup, level: str) -> np.ndarray:
+    """A whole split → its token ids, `int32 [tokens]`."""
+    return lookup(tokenize(tf.constant([text]), level)[0]).numpy().astype(np.int32)
+
+
+def tbptt_batches(stream: np.ndarray, batch_size: int, num_steps: int) -> tf.data.Dataset:
+    """Consecutive `(inputs, targets)` windows for truncated back-propagation through time.
+
+    The stream is cut into `batch_size` contiguous rows (the last `< batch_size`
+    tokens dropped); batch k holds columns `[k*num_steps, (k+1)*num_steps)` of
+    every row, so row r of batch k+1 continues row r of batch k and a stateful
+    model carries its state across batches. Targets are the inputs shifted by one.
+    """
+    row_length = (len(stream) - 1) // batch_size
+    if row_length < num_steps:
+        raise RecipeError(
+            f"a split of {len(stream)} tokens is too short for batch_size={batch_size} x "
+            f"num_steps={num_steps}")
+    rows = stream[:batch_size * row_length + 1]
+    inputs = rows[:-1].reshape(batch_size, row_length)
+    targets = rows[1:].reshape(batch_size, row_length)
+    num_batches = row_length // num_steps
+    windows = lambda a: a[:, :num_batches * num_steps].reshape(  # noqa: E731
+        batch_size, num_batches, num_steps).transpose(1, 0, 2)
+    return tf.data.Dataset.from_tensor_slices((windows(inputs), windows(targets)))
