@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.embedding_dim = 128
     config.units = 512
     config.num_layers = 2
-    config.dropout = 0.2
+    config.dropout = 0.25
     config.init_scale = 0.1  # all weights ~ U[-init_scale, init_scale]
     # Truncated BPTT: batch_size parallel streams, num_steps tokens per batch.
     config.batch_size = 64
@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.learning_rate = 2e-3
     config.lr_decay = 0.9  # lr = learning_rate * lr_decay ** max(epoch - decay_after, 0)
     config.decay_after = 10
-    config.clipnorm = 5.0  # global norm of the gradient of the per-sequence loss
+    config.clipnorm = 100.0  # on the global norm of the gradient of the per-sequence loss
     # Evaluation and samples.
     config.score_chunk = 256  # time steps per chunk when scoring a whole split
     # The per-epoch validation cuts the split at line ends into eval_rows pieces scored
@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.sample_tokens = 50
         config.optimizer = "sgd"
         config.learning_rate = 1.0
+        config.clipnorm = 5.0
     if variant == "ptb_small":
         config.embedding_dim = config.units = 200
         config.dropout = 0.0

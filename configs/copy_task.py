@@ -1,0 +1,66 @@
+"""The long-delay copy task (recipes.copy_task).
+
+Default: LSTM(128) at delay T=100 with a curriculum over delays.
+Variants (`--config=configs/copy_task.py:VARIANT`):
+- `chrono500`: chrono-initialized LSTM at T=500.
+- `smoke`: a tiny run for tests (seconds).
+Cells: `--config.cell=lstm|rnn|gru` (rnn = keras.layers.SimpleRNN, gru = keras.layers.GRU);
+`--config.chrono=True` for chrono initialization of the LSTM (Tallec & Ollivier, 2018).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("default", "chrono500", "smoke")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = arg or "default"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {arg!r} of configs/copy_task.py "
+                         f"(known: {', '.join(VARIANTS)})")
+    config = ml_collections.ConfigDict()
+    # Task: copy_length symbols out of num_symbols, recalled `delay` steps later.
+    config.delay = 100
+    config.copy_length = 10
+    config.num_symbols = 8
+    # Model: Embedding -> recurrent layer -> Dense over blank/symbols/delimiter.
+    config.cell = "lstm"  # "lstm" (lstm_tf.LSTM), "rnn" (SimpleRNN) or "gru"
+    config.chrono = False  # LSTM only: chrono initialization of the gate biases
+    config.chrono_max_delay = 0  # T_max of chrono; 0: 3/2 x (delay + 2 x copy_length)
+    config.embedding_dim = 16
+    config.units = 128
+    # Training. An "epoch" is steps_per_epoch batches of fresh sequences.
+    config.batch_size = 64
+    config.optimizer = "adam"  # "adam" or "rmsprop"
+    config.learning_rate = 1e-3
+    config.clipnorm = 1.0
+    config.steps_per_epoch = 200
+    config.max_epochs = 1000
+    config.max_train_minutes = 60.0  # stop after this much training (0: no limit)
+    config.stop_accuracy = 0.999  # stop once the held-out accuracy at `delay` reaches it
+    # Curriculum: train at curriculum_start first; multiply the delay by curriculum_growth
+    # (up to `delay`) whenever an epoch's copied-symbol accuracy reaches curriculum_threshold.
+    config.curriculum_start = 10  # 0: no curriculum, train at `delay` from the start
+    config.curriculum_growth = 2.0
+    config.curriculum_threshold = 0.99
+    # Evaluation: a fixed held-out set at `delay`; diagnostics on its first examples.
+    config.eval_size = 1000
+    config.eval_seed = 1234
+    config.diagnostic_examples = 32
+    config.seed = 0
+
+    if variant == "chrono500":
+        config.delay = 500
+        config.chrono = True
+    elif variant == "smoke":
+        config.delay = 10
+        config.units = 16
+        config.steps_per_epoch = 10
+        config.max_epochs = 2
+        config.curriculum_start = 5
+        config.curriculum_threshold = 0.0  # grow every epoch
+        config.eval_size = 64
+        config.diagnostic_examples = 4
+    return config

@@ -1,0 +1,50 @@
+"""Token ids → Embedding → one recurrent layer (LSTM, SimpleRNN or GRU) → logits per step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+import lstm_tf
+from recipes.copy_task import input_pipeline
+
+
+def chrono_max_delay(config: Any) -> int:
+    """T_max of chrono initialization: the config's, else 3/2 of the sequence length."""
+    return config.chrono_max_delay or int(1.5 * (config.delay + 2 * config.copy_length))
+
+
+def create_model(config: Any) -> keras.Model:
+    """`(batch, time)` int32 tokens → `(batch, time, vocab)` logits.
+
+    Layers are named `embedding`, `rnn` and `logits` (the diagnostics use them).
+    The model also holds `curriculum_delay` (int32), the delay the curriculum is
+    training at, so checkpoints and backups restore it.
+    """
+    vocab = input_pipeline.vocab_size(config)
+    tokens = keras.Input((None,), dtype="int32", name="inputs")
+    x = keras.layers.Embedding(vocab, config.embedding_dim, name="embedding")(tokens)
+    if config.cell == "lstm":
+        chrono = {"chrono_max_delay": chrono_max_delay(config)} if config.chrono else {}
+        rnn = lstm_tf.LSTM(config.units, return_sequences=True, name="rnn", **chrono)
+    else:
+        layer = {"rnn": keras.layers.SimpleRNN, "gru": keras.layers.GRU}[config.cell]
+        rnn = layer(config.units, return_sequences=True, name="rnn")
+    logits = keras.layers.Dense(vocab, name="logits")(rnn(x))
+    model = keras.Model(tokens, logits, name=f"copy_{config.cell}")
+    model.curriculum_delay = keras.Variable(0, dtype="int32", trainable=False,
+                                            name="curriculum_delay")
+    return model
+
+
+def copied_accuracy(copy_length: int) -> Any:
+    """Keras metric: accuracy over the last `copy_length` steps (the copied symbols)."""
+
+    def copied_accuracy(targets: Any, logits: Any) -> Any:
+        predictions = keras.ops.argmax(logits[:, -copy_length:], axis=-1)
+        return keras.ops.mean(keras.ops.cast(
+            predictions == keras.ops.cast(targets[:, -copy_length:], predictions.dtype),
+            "float32"), axis=-1)
+
+    return copied_accuracy
