@@ -150,6 +150,7 @@ def test_greedy_generation_follows_the_scores():
     functions = _functions(config, vocab, weights_scale=30.0)  # peaked distributions
     text = functions.generate(tf.constant(["the cat", "", "dog"]), 6, 0.0, 0)["text"].numpy()
     for prompt, continuation in zip(["the cat", "", "dog"], text, strict=True):
+        assert continuation.decode()[0] in " \n"  # appends to the prompt as is
         words = continuation.decode().replace("\n", " <eos> ").split()
         assert len(words) == 6 and set(words) <= set(candidates)
         context = prompt

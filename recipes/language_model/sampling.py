@@ -80,8 +80,8 @@ class LanguageModelFunctions(tf.Module):
         """Samples `num_tokens` tokens after each prompt; returns the continuation `text`.
 
         `temperature` <= 0 picks the most likely token; `top_k` > 0 samples
-        among the k most likely only. At word level tokens are joined by spaces,
-        `<eos>` shown as a line end.
+        among the k most likely only. The text continues the prompt as is: at
+        word level each word is preceded by a space, and `<eos>` is a line end.
         """
         ids, lengths = self._ids(prompt)
         batch = tf.shape(ids)[0]
@@ -112,5 +112,5 @@ class LanguageModelFunctions(tf.Module):
         words = self.inverse(tokens)
         if self.level == "char":
             return {"text": tf.strings.reduce_join(words, axis=-1)}
-        text = tf.strings.reduce_join(words, axis=-1, separator=" ")
-        return {"text": tf.strings.regex_replace(text, " ?<eos> ?", "\n")}
+        text = tf.strings.reduce_join(" " + words, axis=-1)  # appends to the prompt
+        return {"text": tf.strings.regex_replace(text, " <eos> ?", "\n")}
