@@ -25,11 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.delay = 100
     config.copy_length = 10
     config.num_symbols = 8
-    # Model: Embedding -> recurrent layer -> Dense over blank/symbols/delimiter.
+    # Model: one-hot -> recurrent layer -> Dense over blank/symbols/delimiter.
     config.cell = "lstm"  # "lstm" (lstm_tf.LSTM), "rnn" (SimpleRNN) or "gru"
     config.chrono = False  # LSTM only: chrono initialization of the gate biases
     config.chrono_max_delay = 0  # T_max of chrono; 0: 3/2 x (delay + 2 x copy_length)
-    config.embedding_dim = 16
     config.units = 128
     # Training. An "epoch" is steps_per_epoch batches of fresh sequences.
     config.batch_size = 64

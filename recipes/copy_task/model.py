@@ -1,4 +1,4 @@
-"""Token ids → Embedding → one recurrent layer (LSTM, SimpleRNN or GRU) → logits per step."""
+"""Token ids → one-hot → one recurrent layer (LSTM, SimpleRNN or GRU) → logits per step."""
 
 from __future__ import annotations
 
@@ -24,7 +24,10 @@ def create_model(config: Any) -> keras.Model:
     """
     vocab = input_pipeline.vocab_size(config)
     tokens = keras.Input((None,), dtype="int32", name="inputs")
-    x = keras.layers.Embedding(vocab, config.embedding_dim, name="embedding")(tokens)
+    # One-hot inputs (a trainable embedding that starts as the identity): Keras's default
+    # U[-0.05, 0.05] embedding made the symbols too faint, and the LSTM stayed at the baseline.
+    x = keras.layers.Embedding(vocab, vocab, embeddings_initializer="identity",
+                               name="embedding")(tokens)
     if config.cell == "lstm":
         chrono = {"chrono_max_delay": chrono_max_delay(config)} if config.chrono else {}
         rnn = lstm_tf.LSTM(config.units, return_sequences=True, name="rnn", **chrono)

@@ -24,7 +24,6 @@ CONFIG_RULES = {
     "num_symbols": (lambda v: isinstance(v, int) and v > 1, "an integer > 1"),
     "cell": (lambda v: v in ("lstm", "rnn", "gru"), "'lstm', 'rnn' or 'gru'"),
     "chrono_max_delay": (lambda v: isinstance(v, int) and (v == 0 or v > 2), "0 or > 2"),
-    "embedding_dim": _positive_int,
     "units": _positive_int,
     "batch_size": _positive_int,
     "optimizer": (lambda v: v in ("adam", "rmsprop"), "'adam' or 'rmsprop'"),
