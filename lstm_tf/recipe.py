@@ -102,6 +102,14 @@ def prepare_workdir(workdir: str) -> pathlib.Path:
     return path
 
 
+def start_run(config: Any, workdir: str) -> pathlib.Path:
+    """Prepares `workdir`, writes the resolved `config.json` there and seeds everything."""
+    path = prepare_workdir(workdir)
+    write_json(path / "config.json", config.to_dict())
+    keras.utils.set_random_seed(config.seed)
+    return path
+
+
 def write_json(path: pathlib.Path, obj: Any) -> None:
     """Writes JSON atomically: readers see the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp")

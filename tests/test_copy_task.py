@@ -3,7 +3,6 @@
 import csv
 import json
 import math
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -12,22 +11,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from recipe_testing import assert_one_line_error, run_recipe, summary_tags
 
 import lstm_tf
 from configs import copy_task as copy_config
 from lstm_tf.diagnostics import state_gradient_norms
 from recipes.copy_task import input_pipeline
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ["--config=configs/copy_task.py:smoke"]
 
 
-def _run(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "recipes.copy_task", *args], cwd=ROOT,
-                          capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
+def _run(*args, **kwargs):
+    return run_recipe("copy_task", *args, **kwargs)
 
 
 def test_sequences_put_symbols_delimiter_and_copy_where_the_task_says():
@@ -108,10 +103,7 @@ def test_smoke_run_writes_metrics_diagnostics_and_summaries(smoke_run):
     assert metrics["steps"] == 20 and metrics["final_training_delay"] == 10
     diagnostics = json.loads((smoke_run / "diagnostics.json").read_text())
     assert len(diagnostics["gradient_flow"]) == len(diagnostics["forget_gate_mean"]) == 30
-    tags = set()
-    for path in (smoke_run / "tensorboard").rglob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            tags.update(v.tag for v in event.summary.value)
+    tags = summary_tags(smoke_run / "tensorboard")
     assert {"train_loss", "eval_loss", "eval_baseline", "eval_copied_accuracy", "train_delay",
             "gradient_flow", "forget_gate"} <= tags, tags
 
@@ -160,7 +152,4 @@ def test_sweep_writes_table_and_plots(tmp_path):
 ])
 def test_bad_values_give_one_line_error(tmp_path, args, message):
     proc = _run(f"--workdir={tmp_path / 'run'}", *SMOKE, *args, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert_one_line_error(proc, message)

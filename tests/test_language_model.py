@@ -2,7 +2,6 @@
 
 import json
 import math
-import pathlib
 import subprocess
 import sys
 import textwrap
@@ -10,22 +9,18 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
+from recipe_testing import ROOT, assert_one_line_error, run_recipe, summary_tags
 
 from configs import language_model as lm_config
 from recipes.language_model import input_pipeline, sampling, train
 from recipes.language_model import model as models
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PTB = ROOT.parent / "shared" / "data" / "ptb"
 SMOKE = ["--config=configs/language_model.py:smoke"]
 
 
-def _run(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "recipes.language_model", *args], cwd=ROOT,
-                          capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
+def _run(*args, **kwargs):
+    return run_recipe("language_model", *args, **kwargs)
 
 
 def _config(variant="smoke", **overrides):
@@ -175,10 +170,7 @@ def test_smoke_run_writes_metrics_and_summaries(smoke_run):
         assert metrics[split]["bits_per_char"] == pytest.approx(
             metrics[split]["cross_entropy"] / math.log(2))
         assert metrics[split]["cross_entropy"] < math.log(metrics["vocab_size"])  # learnt
-    tags = set()
-    for path in (smoke_run / "tensorboard").rglob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            tags.update(v.tag for v in event.summary.value)
+    tags = summary_tags(smoke_run / "tensorboard")
     assert {"train_cross_entropy", "eval_cross_entropy", "eval_bits_per_char",
             "learning_rate", "samples"} <= tags, tags
     assert not (smoke_run / "backup").exists()
@@ -249,10 +241,7 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
     config = [a for a in args if a.startswith("--config=")] or SMOKE
     rest = [a for a in args if not a.startswith("--config=")]
     proc = _run(f"--workdir={workdir}", *config, *rest, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert_one_line_error(proc, message)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -263,9 +252,7 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
 ])
 def test_bad_commands_give_one_line_error(tmp_path, args, message):
     proc = _run(*[a.format(tmp=tmp_path) for a in args], check=False)
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+    assert_one_line_error(proc, message)
 
 
 @pytest.mark.parametrize("variant", lm_config.VARIANTS)

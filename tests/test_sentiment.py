@@ -13,19 +13,15 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+from recipe_testing import ROOT, assert_one_line_error, run_recipe, summary_tags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = ["--config=configs/sentiment.py:smoke"]
 SERVING_INPUTS = ["", "   \t\n", "great " * 20000, "我爱中国", "😀🎬👍",
                   "A wonderful, moving film.", "Dreadful. The worst acting I have ever seen."]
 
 
-def _run(*args, check=True, cwd=ROOT, **kwargs):
-    proc = subprocess.run([sys.executable, "-m", "recipes.sentiment", *args], cwd=cwd,
-                          capture_output=True, text=True, **kwargs)
-    if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
-    return proc
+def _run(*args, **kwargs):
+    return run_recipe("sentiment", *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +29,6 @@ def smoke_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sentiment")
     _run(f"--workdir={workdir}", *SMOKE)
     return workdir
-
-
-def _tags(logdir):
-    tags = set()
-    for path in pathlib.Path(logdir).rglob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            tags.update(v.tag for v in event.summary.value)
-    return tags
 
 
 def test_workdir_contents(smoke_run):
@@ -57,7 +45,7 @@ def test_workdir_contents(smoke_run):
 
 
 def test_tensorboard_tags(smoke_run):
-    tags = _tags(smoke_run / "tensorboard")
+    tags = summary_tags(smoke_run / "tensorboard")
     expected = {"epoch_loss", "epoch_accuracy", "epoch_learning_rate",
                 "train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "learning_rate",
                 "_hparams_/session_start_info"}
@@ -161,7 +149,7 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
     workdir = tmp_path / "run"
     args = [a.format(tmp=tmp_path) for a in args]
     proc = _run(f"--workdir={workdir}", *SMOKE, *args, check=False)
-    _assert_one_line_error(proc, message)
+    assert_one_line_error(proc, message)
     assert not workdir.exists()  # nothing half-written
 
 
@@ -171,26 +159,19 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
 ])
 def test_bad_config_file_gives_one_line_error(tmp_path, config, message):
     proc = _run(f"--workdir={tmp_path / 'run'}", f"--config={config}", check=False)
-    _assert_one_line_error(proc, message)
-
-
-def _assert_one_line_error(proc, message):
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    assert_one_line_error(proc, message)
 
 
 def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     proc = _run(f"--workdir={blocker / 'run'}", *SMOKE, check=False)
-    _assert_one_line_error(proc, "cannot write to workdir")
+    assert_one_line_error(proc, "cannot write to workdir")
 
 
 def test_predict_without_export(tmp_path):
     proc = _run("predict", f"--export_dir={tmp_path}", "text", check=False)
-    _assert_one_line_error(proc, f"no SavedModel in {tmp_path}")
+    assert_one_line_error(proc, f"no SavedModel in {tmp_path}")
 
 
 def test_default_config_found_from_any_directory(tmp_path):

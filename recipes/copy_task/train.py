@@ -177,9 +177,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     if config.chrono and config.cell != "lstm":
         raise recipe.RecipeError(f"--config.chrono=True needs --config.cell=lstm "
                                  f"(got {config.cell!r})")
-    workdir = recipe.prepare_workdir(workdir)
-    recipe.write_json(workdir / "config.json", config.to_dict())
-    keras.utils.set_random_seed(config.seed)
+    workdir = recipe.start_run(config, workdir)
 
     model = models.create_model(config)
     first_delay = min(config.curriculum_start, config.delay) if config.curriculum_start else \

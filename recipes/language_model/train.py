@@ -143,9 +143,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     start = time.time()
     recipe.check_config(config, CONFIG_RULES)
     train_text, val_text, test_text = input_pipeline.read_splits(config)
-    workdir = recipe.prepare_workdir(workdir)
-    recipe.write_json(workdir / "config.json", config.to_dict())
-    keras.utils.set_random_seed(config.seed)
+    workdir = recipe.start_run(config, workdir)
 
     vocab = input_pipeline.build_vocabulary(config, train_text, workdir / "vocab.json")
     lookup = input_pipeline.make_lookup(config, vocab)

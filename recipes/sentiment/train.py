@@ -62,9 +62,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     start = time.time()
     recipe.check_config(config, CONFIG_RULES)
     train_raw, val_raw, test_raw = input_pipeline.load_splits(config)
-    workdir = recipe.prepare_workdir(workdir)
-    recipe.write_json(workdir / "config.json", config.to_dict())
-    keras.utils.set_random_seed(config.seed)
+    workdir = recipe.start_run(config, workdir)
 
     vectorizer = input_pipeline.make_vectorizer(config, train_raw, workdir / "vocab.txt")
     train_ds = input_pipeline.batches(train_raw, vectorizer, config, training=True)
