@@ -203,9 +203,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         recipe.EpochSummaries(logdir / "metrics", config.to_dict()),
         Diagnostics(str(logdir / "diagnostics"), *probe, cell=config.cell),
     ]
-    model.fit(train_ds, steps_per_epoch=config.steps_per_epoch,
-                        epochs=config.max_epochs, validation_data=eval_ds, callbacks=callbacks,
-                        verbose=recipe.progress_verbosity())
+    model.fit(train_ds, steps_per_epoch=config.steps_per_epoch, epochs=config.max_epochs,
+              validation_data=eval_ds, callbacks=callbacks, verbose=recipe.progress_verbosity())
     train_seconds = time.time() - start
 
     model.load_weights(recipe.best_checkpoint(workdir))
