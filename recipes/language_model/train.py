@@ -87,9 +87,8 @@ class StreamEvaluation(keras.callbacks.Callback):
 
     Copies the training model's weights into the step model behind
     `functions`, scores the whole validation split (in `config.eval_rows`
-    pieces) and writes a generated text
-    to TensorBoard (`tf.summary.text`). Put it before the callbacks that read
-    `val_*` (checkpoints, summaries).
+    pieces) and writes a generated text to TensorBoard (`tf.summary.text`).
+    Put it before the callbacks that read `val_*` (checkpoints, summaries).
     """
 
     def __init__(self, functions: sampling.LanguageModelFunctions, text: str, config: Any,
