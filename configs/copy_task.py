@@ -1,6 +1,6 @@
 """The long-delay copy task (recipes.copy_task).
 
-Default: LSTM(128) at delay T=100, trained at that delay from the start.
+Default: LSTM(128) at delay T=100, with a curriculum over delays from T=10.
 Variants (`--config=configs/copy_task.py:VARIANT`):
 - `chrono500`: chrono-initialized LSTM at T=500.
 - `smoke`: a tiny run for tests (seconds).
@@ -39,10 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.max_epochs = 1000
     config.max_train_minutes = 60.0  # stop after this much training (0: no limit)
     config.stop_accuracy = 0.999  # stop once the held-out accuracy at `delay` reaches it
-    # Curriculum (off by default): train at curriculum_start first; multiply the delay by
-    # curriculum_growth (up to `delay`) whenever an epoch's copied-symbol accuracy reaches
-    # curriculum_threshold.
-    config.curriculum_start = 0  # 0: no curriculum, train at `delay` from the start
+    # Curriculum: train at curriculum_start first; multiply the delay by curriculum_growth
+    # (up to `delay`) whenever an epoch's copied-symbol accuracy reaches curriculum_threshold.
+    # Once the LSTM can copy at T=10, the longer delays take a few epochs each.
+    config.curriculum_start = 10  # 0: no curriculum, train at `delay` from the start
     config.curriculum_growth = 2.0
     config.curriculum_threshold = 0.99
     # Evaluation: a fixed held-out set at `delay`; diagnostics on its first examples.
