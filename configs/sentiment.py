@@ -42,6 +42,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.clipnorm = 1.0
     config.early_stopping_patience = 0  # 0: off
     config.shuffle_buffer = 25000
+    # True: train on full batches only (each bucket's last, partial batch is dropped).
+    # Under a multi-replica strategy, replicas then get equal shares of every batch, and
+    # training matches one device up to rounding (replicas average their mean losses).
+    config.drop_remainder = False
     config.seed = 0
 
     if arg == "smoke":

@@ -59,7 +59,8 @@ def recurrence(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
     _, _, _, *arrays = tf.while_loop(lambda t, *_: t < steps, forward_body, [0, h0, c0, *arrays])
     # (The gradient must capture plain tensors, not TensorArrays, so that
     # `model.export` can save a model that holds this function.)
-    hs, cs, sigmoids, candidates, tanh_cs = (a.stack() for a in arrays)
+    hs, cs, sigmoids, candidates, tanh_cs = (
+        _stack(a, h0, width) for a, width in zip(arrays, (m, m, 4 * m, m, m), strict=True))
 
     def grad(d_hs: tf.Tensor, d_cs: tf.Tensor) -> tuple[Any, ...]:
         c_prevs = tf.concat([c0[None], cs[:-1]], 0)
@@ -81,13 +82,23 @@ def recurrence(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
         _, dh0, dc0, dzs = tf.while_loop(
             lambda k, *_: k < steps, backward_body,
             [0, tf.zeros_like(h0), tf.zeros_like(c0), tf.TensorArray(xz.dtype, size=steps)])
-        dz = dzs.stack()
+        dz = _stack(dzs, h0, 4 * m)
         # Σ_t h_{t-1}ᵀ·dz_t as one matmul.
         h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
         d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
         return dz, dh0, dc0, d_kernel
 
     return (hs, cs), grad
+
+
+def _stack(array: tf.TensorArray, h0: tf.Tensor, width: int) -> tf.Tensor:
+    """`array.stack()` of `[B, width]` elements, also for zero steps.
+
+    (TF cannot stack an empty list of `[None, width]`; tf.distribute feeds
+    zero-step batches to replicas that have no data in a step.)
+    """
+    return tf.cond(array.size() > 0, array.stack,
+                   lambda: tf.zeros([0, tf.shape(h0)[0], width], h0.dtype))
 
 
 def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backwards: bool,
@@ -116,7 +127,8 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
     hs, cs = recurrence(xz, h0, c0, tf.convert_to_tensor(recurrent_kernel))
     h_seq = tf.transpose(hs, [1, 0, 2])  # [B, T, U]
     if lengths is None:
-        h_last, c_last = hs[-1], cs[-1]
+        h_last, c_last = tf.cond(tf.shape(hs)[0] > 0, lambda: (hs[-1], cs[-1]),
+                                 lambda: (h0, c0))  # zero steps: the initial state
         outputs = h_seq
     else:
         h_last, c_last = _at_lengths(hs, h0, lengths), _at_lengths(cs, c0, lengths)
@@ -131,7 +143,8 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
             if not zero_output_for_mask:
                 held = tf.where(lengths[:, None, None] > 0, h_last[:, None], held)
             outputs = tf.where(valid, h_seq, held)
-    return outputs[:, -1], outputs, [h_last, c_last]
+    last_output = tf.cond(tf.shape(outputs)[1] > 0, lambda: outputs[:, -1], lambda: h_last)
+    return last_output, outputs, [h_last, c_last]
 
 
 def _at_lengths(states: tf.Tensor, initial: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:

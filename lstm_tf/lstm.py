@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 from lstm_tf import fused as fused_lib
 from lstm_tf.cell import LSTMCell
@@ -123,6 +124,23 @@ class LSTM(keras.layers.RNN):
 
     def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool = False) -> tuple:
+        def run() -> tuple:
+            last_output, outputs, states = self._run_steps(
+                sequences, initial_state, mask, training)
+            return last_output, outputs, list(states)
+
+        if sequences.shape[1] or self.uses_fused_path(training):
+            return run()  # a known, positive number of steps; the fused path takes zero
+        # Zero steps: tf.distribute feeds `(0, 0, features)` batches to replicas
+        # that have no data in a step (the last, partial batch): the state
+        # stays the initial one, and there are no outputs.
+        states = list(initial_state)
+        nothing = lambda: (states[0], tf.zeros(  # noqa: E731
+            [tf.shape(sequences)[0], 0, self.units], sequences.dtype), states)
+        return tf.cond(tf.shape(sequences)[1] > 0, run, nothing)
+
+    def _run_steps(self, sequences: Any, initial_state: Any, mask: Any,
+                   training: bool) -> tuple:
         if not self.uses_fused_path(training):
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if isinstance(mask, (list, tuple)):

@@ -1,8 +1,11 @@
-"""What every recipe shares: errors, workdir, data loading, callbacks, export.
+"""What every recipe shares: errors, flags, workdir, data, callbacks, export.
 
 Recipes are laid out like google/flax `examples/`: `recipes/NAME/__main__.py`
-(thin absl entry point) calls `train.train_and_evaluate(config, workdir)`,
+(thin absl entry point) calls `train.train_and_evaluate(config, workdir, strategy)`,
 which uses the helpers below so that no recipe copies another.
+
+Every recipe has the flags defined here: `--strategy` (tf.distribute),
+`--cpu_devices` and `--deterministic`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -22,6 +26,21 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+_STRATEGY = flags.DEFINE_enum(
+    "strategy", "default", STRATEGIES,
+    "tf.distribute strategy: default (one device), mirrored (all local GPUs, else all "
+    "logical CPUs), multi_worker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG), "
+    "tpu (TPUStrategy, --tpu=NAME). The config's batch size is the global batch size.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "Split the CPU into this many logical devices (0: leave it as one); "
+    "with --strategy=mirrored on a machine without GPUs, one replica per device.")
+_TPU = flags.DEFINE_string("tpu", "", "For --strategy=tpu: the TPU name or grpc:// address "
+                           "('' : the local TPU VM).")
+_DETERMINISTIC = flags.DEFINE_bool(
+    "deterministic", False, "tf.config.experimental.enable_op_determinism(): the same "
+    "command gives bitwise the same run, also when killed and resumed (slower).")
 
 
 class RecipeError(Exception):
@@ -68,18 +87,114 @@ def run(main: Callable[[list[str]], Any]) -> None:
     """`absl.app.run(main)` where user mistakes exit with one line, code 2.
 
     User mistakes are `RecipeError`s, bad flags, and `OSError`s (a config
-    file that is not there, a full disk).
+    file that is not there, a full disk). A lost worker of a multi-worker
+    cluster is reported as one line too.
     """
 
     def wrapped(argv: list[str]) -> Any:
         try:
+            if _DETERMINISTIC.value:
+                tf.config.experimental.enable_op_determinism()
+            global _strategy
+            _strategy = make_strategy(_STRATEGY.value, _CPU_DEVICES.value, _TPU.value)
             return main(argv)
         except RecipeError as e:
             _exit_with(str(e))
-        except OSError as e:
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as e:
+            if _STRATEGY.value != "multi_worker":
+                raise
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            at = next((i for i, line in enumerate(lines) if "aborted by" in line), 0)
+            cause = " ".join(lines[at:at + 2]) if lines[at].endswith(":") else lines[at]
+            _exit_with(f"lost a worker of the cluster ({type(e).__name__}: {cause}); "
+                       "restart every worker with the same command to resume from the last backup")
+        except (OSError, RuntimeError, tf.errors.OpError) as e:
+            if "No space left on device" in str(e):  # as h5py, TF and Python report it
+                where = re.search(r"filename = '([^']+)'", str(e))
+                print("error: no space left on device" + (f" writing {where[1]}" if where else "")
+                      + "; free some space or pass a --workdir on another disk, then rerun "
+                      "the same command to resume", file=sys.stderr, flush=True)
+                os._exit(2)  # not sys.exit: h5py's cleanup would print more errors
+            if not isinstance(e, OSError):
+                raise
             _exit_with(_last_line(e))
 
     app.run(wrapped, flags_parser=_parse_flags)
+
+
+_strategy: tf.distribute.Strategy | None = None
+
+
+def make_strategy(name: str, cpu_devices: int = 0, tpu: str = "") -> tf.distribute.Strategy:
+    """The `tf.distribute` strategy called `name` (one of `STRATEGIES`).
+
+    Call it before any other TensorFlow work (MultiWorkerMirroredStrategy and
+    logical devices must be set up first).
+    """
+    if cpu_devices < 0:
+        raise RecipeError(f"--cpu_devices={cpu_devices} is invalid: it must be >= 0")
+    if cpu_devices > 1:
+        tf.config.set_logical_device_configuration(
+            tf.config.list_physical_devices("CPU")[0],
+            [tf.config.LogicalDeviceConfiguration()] * cpu_devices)
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    if name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise RecipeError("--strategy=multi_worker needs the cluster in TF_CONFIG "
+                              "(README: Distributed training)")
+        return _MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise RecipeError(f"unknown strategy {name!r} (known: {', '.join(STRATEGIES)})")
+
+
+class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """`MultiWorkerMirroredStrategy` with a `reduce` that Keras 3's `fit` can use.
+
+    Keras 3.15 calls it (1) on its whole first batch, a nest, to build the
+    model, which this strategy rejects ("Attempt to convert a value
+    (PerReplica..."; keras-team/keras#20585), and (2) with `axis=0` on the
+    scalar loss and metrics of each step ("Invalid reduction dimension 0").
+    Here each tensor is reduced alone, and scalars across replicas only.
+    """
+
+    def reduce(self, reduce_op: Any, value: Any, axis: Any) -> Any:
+        parent = super()
+
+        def reduce_one(v: Any) -> Any:
+            rank = self.experimental_local_results(v)[0].shape.rank
+            return parent.reduce(reduce_op, v, axis=None if rank == 0 else axis)
+
+        return tf.nest.map_structure(reduce_one, value)
+
+
+def strategy_from_flags() -> tf.distribute.Strategy:
+    """The strategy that `run` made from `--strategy` (the default one outside `run`)."""
+    return _strategy or tf.distribute.get_strategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's files (summaries, metrics, export)."""
+    return strategy.extended.should_checkpoint
+
+
+def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` with `AutoShardPolicy.DATA` for multi-worker runs.
+
+    Every worker reads all the data and keeps its share of each global batch,
+    so N workers train on the same batches as one process (file-based
+    sharding would give each worker other files, and other batch counts).
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def default_workdir(recipe: str) -> str:
@@ -102,9 +217,20 @@ def prepare_workdir(workdir: str) -> pathlib.Path:
     return path
 
 
-def start_run(config: Any, workdir: str) -> pathlib.Path:
-    """Prepares `workdir`, writes the resolved `config.json` there and seeds everything."""
+def start_run(config: Any, workdir: str,
+              strategy: tf.distribute.Strategy | None = None) -> pathlib.Path:
+    """Prepares the workdir, writes the resolved `config.json` there and seeds everything.
+
+    Returns the directory this process writes to: `workdir` for the chief;
+    for the other workers of a multi-worker run, their own scratch directory
+    `workdir/workers/<task>` (backups and checkpoints, which every worker
+    needs to resume; nothing there is a result).
+    """
     path = prepare_workdir(workdir)
+    strategy = strategy or tf.distribute.get_strategy()
+    if not is_chief(strategy):
+        resolver = strategy.cluster_resolver
+        path = prepare_workdir(str(path / "workers" / f"{resolver.task_type}-{resolver.task_id}"))
     write_json(path / "config.json", config.to_dict())
     keras.utils.set_random_seed(config.seed)
     return path
@@ -169,31 +295,170 @@ def progress_verbosity() -> int:
 
 
 def training_callbacks(workdir: pathlib.Path, monitor: str, mode: str,
-                       early_stopping_patience: int = 0) -> list[keras.callbacks.Callback]:
-    """TensorBoard, resumable backups, the best checkpoint, optional early stopping.
+                       early_stopping_patience: int = 0,
+                       strategy: tf.distribute.Strategy | None = None,
+                       ) -> list[keras.callbacks.Callback]:
+    """NaN check, TensorBoard, best checkpoint, resumable backups, optional early stopping.
 
-    Layout under `workdir`: `tensorboard/` (event files), `backup/` (what
-    `BackupAndRestore` resumes a killed run from; deleted when training
-    completes), `checkpoints/best.weights.h5` (best `monitor` so far).
+    Layout under `workdir` (from `start_run`): `tensorboard/` (event files),
+    `checkpoints/best.weights.h5` (best `monitor` so far, with `best.json`),
+    `backup/` (what a killed run resumes from; deleted when training completes;
+    see `backup_dir`). Put callbacks that add to the logs (e.g. `val_*`) before these.
     """
-    (workdir / "checkpoints").mkdir(exist_ok=True)
-    callbacks = [
+    strategy = strategy or tf.distribute.get_strategy()
+    backup = backup_dir(workdir, strategy)
+    return [
+        StopOnNaN(),
         # update_freq="epoch": with an integer, Keras 3.15 leaves its record_if on at
         # epoch end and drops the epoch summaries (its own and other callbacks').
         keras.callbacks.TensorBoard(log_dir=str(workdir / "tensorboard")),
-        keras.callbacks.BackupAndRestore(backup_dir=str(workdir / "backup")),
-        keras.callbacks.ModelCheckpoint(
-            str(best_checkpoint(workdir)), monitor=monitor, mode=mode,
-            save_best_only=True, save_weights_only=True),
-    ]
-    if early_stopping_patience > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=monitor, mode=mode, patience=early_stopping_patience))
-    return callbacks
+        BestCheckpoint(best_checkpoint(workdir), monitor=monitor, mode=mode, backup_dir=backup),
+        # After BestCheckpoint, so that a backup includes its epoch.
+        Backup(backup, save=is_chief(strategy)),
+    ] + ([keras.callbacks.EarlyStopping(monitor=monitor, mode=mode,
+                                        patience=early_stopping_patience)]
+         if early_stopping_patience > 0 else [])
+
+
+def backup_dir(workdir: pathlib.Path, strategy: tf.distribute.Strategy) -> pathlib.Path:
+    """Where the run's backup is: the chief's `workdir/backup`, for every worker.
+
+    The chief writes it and all workers restore from it, so that they resume
+    from the same epoch: in a multi-worker run, the workdir must be on a
+    file system that all workers share (as for Keras's `BackupAndRestore`).
+    """
+    return workdir / "backup" if is_chief(strategy) else workdir.parents[1] / "backup"
 
 
 def best_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
     return workdir / "checkpoints" / "best.weights.h5"
+
+
+class StopOnNaN(keras.callbacks.TerminateOnNaN):
+    """Stops at the first NaN/Inf training loss with a one-line `RecipeError` naming the step.
+
+    It raises (`raise_error=True`), so no later callback runs: the best
+    checkpoint, the last backup and earlier exports stay as they were.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(raise_error=True)
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        try:
+            super().on_batch_end(batch, logs)
+        except RuntimeError:
+            step = int(self.model.optimizer.iterations.numpy())
+            raise RecipeError(
+                f"training loss became {float(logs['loss'])} at step {step} (epoch "
+                f"{self.epoch + 1}, batch {batch + 1}); stopped. The best checkpoint, the last "
+                "backup (of the last completed epoch) and earlier exports are untouched; "
+                "try a lower --config.learning_rate") from None
+
+
+class BestCheckpoint(keras.callbacks.ModelCheckpoint):
+    """`ModelCheckpoint(save_best_only=True, save_weights_only=True)`, atomic and resumable.
+
+    Keras writes into `path` in place (a kill mid-write leaves no good
+    checkpoint) and forgets the best value on restart (a resumed run would
+    overwrite a better checkpoint). Here the weights go to a temporary file
+    renamed over `path`, and the best value is kept in `best.json` beside it,
+    read back when a run resumes from the backup in `backup_dir`.
+    """
+
+    def __init__(self, path: pathlib.Path, monitor: str, mode: str,
+                 backup_dir: pathlib.Path) -> None:
+        self.path, self.record, self.backup_dir = path, path.with_name("best.json"), backup_dir
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(str(path.with_name(".best.weights.h5")), monitor=monitor, mode=mode,
+                         save_best_only=True, save_weights_only=True)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        resuming = completed_epochs(self.backup_dir) > 0
+        if resuming and self.record.exists() and self.path.exists():
+            self.best = json.loads(self.record.read_text())["best"]
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        best = self.best
+        super().on_epoch_end(epoch, logs)
+        if self.best != best:  # improved: the weights were just written to the temporary file
+            os.replace(self.filepath, self.path)
+            write_json(self.record, {"monitor": self.monitor, "best": float(self.best),
+                                     "epoch": epoch + 1})
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` that writes atomically and restores the random state too.
+
+    Keras rewrites its weights file and then its metadata file in place, so a
+    kill during a backup can leave weights and epoch from different epochs;
+    and it does not save the layers' `SeedGenerator` states (dropout), so a
+    resumed run draws other dropout masks than an uninterrupted one. Here each
+    backup is written to `backup_dir/.tmp`, then renamed to `backup_dir/state`
+    (the previous one is kept as `state.old` until then), and the metadata
+    holds the seed states. The number of completed epochs is
+    `completed_epochs(backup_dir)`, for input pipelines to skip what was seen.
+    With `save=False` (the workers other than the chief), it only restores.
+    """
+
+    def __init__(self, backup_dir: pathlib.Path, save: bool = True) -> None:
+        super().__init__(str(backup_dir / "state"))
+        self.root, self.save = backup_dir, save
+
+    def _load_model(self) -> None:
+        _recover_backup(self.root)
+        super()._load_model()
+        metadata = pathlib.Path(self._training_metadata_path)
+        if metadata.exists():
+            states = json.loads(metadata.read_text()).get("seed_states", {})
+            for variable in _seed_states(self.model):
+                if variable.path in states:
+                    variable.assign(states[variable.path])
+
+    def _save_model(self) -> None:
+        if not self.save:
+            return
+        tmp = self.root / ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.save_weights(str(tmp / "latest.weights.h5"))
+        write_json(tmp / "training_metadata.json", {
+            "epoch": self._current_epoch, "batch": self._last_batch_seen,
+            "seed_states": {v.path: v.numpy().tolist() for v in _seed_states(self.model)}})
+        state, old = self.root / "state", self.root / "state.old"
+        if state.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(state, old)
+        os.rename(tmp, state)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.save:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _seed_states(model: keras.Model) -> list[Any]:
+    """The models' `SeedGenerator` state variables (not in its weights files)."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def _recover_backup(root: pathlib.Path) -> None:
+    """Completes a backup swap that a kill interrupted (see `Backup`)."""
+    state, old = root / "state", root / "state.old"
+    if not state.exists() and old.exists():
+        os.rename(old, state)
+
+
+def completed_epochs(backup_dir: pathlib.Path) -> int:
+    """How many epochs the backup in `backup_dir` holds (0 without one)."""
+    _recover_backup(backup_dir)
+    metadata = backup_dir / "state" / "training_metadata.json"
+    return json.loads(metadata.read_text())["epoch"] if metadata.exists() else 0
 
 
 def export_saved_model(write: Callable[[str], None], workdir: pathlib.Path) -> pathlib.Path:
@@ -207,9 +472,14 @@ def export_saved_model(write: Callable[[str], None], workdir: pathlib.Path) -> p
     root.mkdir(exist_ok=True)
     versions = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
     version = max(versions, default=0) + 1
+    for stale in root.glob(".tmp-*"):  # left by a run killed while exporting
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(str(tmp))
+    try:
+        write(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = root / str(version)
     os.rename(tmp, final)
     return final
@@ -264,7 +534,7 @@ class EpochSummaries(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         scalars = {("eval_" + k[4:] if k.startswith("val_") else "train_" + k): v
                    for k, v in (logs or {}).items()}
-        scalars["learning_rate"] = self.model.optimizer.learning_rate
+        scalars["learning_rate"] = self.model.optimizer.learning_rate.numpy()
         with self.writer.as_default():
             for tag, value in scalars.items():
                 tf.summary.scalar(tag, float(value), step=epoch + 1)

@@ -81,3 +81,23 @@ def test_fused_path_rejects_left_padded_masks():
         layer(x, mask=mask)
     keras.utils.set_random_seed(0)
     assert lstm_tf.LSTM(U, fused=False)(x, mask=mask).shape == (2, U)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("make", [
+    lambda fused: lstm_tf.LSTM(U, return_sequences=True, return_state=True, fused=fused),
+    lambda fused: lstm_tf.Bidirectional(lstm_tf.LSTM(U, return_sequences=True, fused=fused)),
+])
+def test_zero_step_batches(make, fused):
+    """tf.distribute gives replicas without data in a step `(0, 0, features)` batches."""
+    layer = make(fused)
+    call = tf.function(lambda x: layer(x, training=True),
+                       input_signature=[tf.TensorSpec([None, None, D])])
+    for steps in (0, 3):
+        x = tf.zeros((0, steps, D))
+        with tf.GradientTape() as tape:
+            outputs = tf.nest.flatten(call(x))
+            loss = sum(tf.reduce_sum(o) for o in outputs)
+        assert outputs[0].shape[:2] == (0, steps)
+        gradients = tape.gradient(loss, layer.trainable_weights)
+        assert all(g is not None and not np.any(g.numpy()) for g in gradients)

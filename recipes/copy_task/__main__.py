@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
         raise recipe.RecipeError(f"unknown command {' '.join(command)!r} (known: sweep)")
     from recipes.copy_task import train
 
-    train.train_and_evaluate(_CONFIG.value, workdir)
+    train.train_and_evaluate(_CONFIG.value, workdir, recipe.strategy_from_flags())
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def make_batch(symbols: tf.Tensor, delay: tf.Tensor, num_symbols: int
     return inputs, targets
 
 
-def training_batches(config: Any, delay: Any) -> tf.data.Dataset:
-    """Endless `(inputs, targets)` batches; batch k is a function of (seed, k).
+def training_batches(config: Any, delay: Any, first_batch: int = 0) -> tf.data.Dataset:
+    """Endless `(inputs, targets)` batches k = first_batch, ...; batch k is a function of (seed, k).
 
     `delay` (a variable) is read for every batch, so a curriculum can change it
     while training (the time dimension is `None`).
@@ -55,7 +55,8 @@ def training_batches(config: Any, delay: Any) -> tf.data.Dataset:
             minval=1, maxval=config.num_symbols + 1, dtype=tf.int32)
         return make_batch(symbols, tf.convert_to_tensor(delay), config.num_symbols)
 
-    return tf.data.Dataset.counter().map(lambda k: batch(tf.cast(k, tf.int32))).prefetch(2)
+    batches = tf.data.Dataset.counter(start=first_batch)
+    return batches.map(lambda k: batch(tf.cast(k, tf.int32))).prefetch(2)
 
 
 def held_out(config: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -161,13 +161,15 @@ def export(model: keras.Model, path: str) -> None:
     archive.write_out(path, verbose=False)
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: Any, workdir: str,
+                       strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
     """Trains on fresh sequences (with the curriculum), evaluates on the held-out set, exports.
 
     Writes to `workdir`: config.json, tensorboard/, backup/ (while training),
     checkpoints/, metrics.json, diagnostics.json (gradient flow and forget gates
-    over time, final model) and export/<version>/. Rerunning a killed run with
-    the same workdir resumes it.
+    over time, final model) and export/<version>/ (the chief only). Rerunning a
+    killed run with the same workdir resumes it. `strategy` (default: the
+    current one) replicates the model; the config's batch size is the global batch.
 
     Returns:
         The metrics written to metrics.json.
@@ -177,20 +179,26 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     if config.chrono and config.cell != "lstm":
         raise recipe.RecipeError(f"--config.chrono=True needs --config.cell=lstm "
                                  f"(got {config.cell!r})")
-    workdir = recipe.start_run(config, workdir)
+    strategy = strategy or tf.distribute.get_strategy()
+    workdir = recipe.start_run(config, workdir, strategy)
 
-    model = models.create_model(config)
+    with strategy.scope():
+        model = models.create_model(config)
+        optimizer = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop}[
+            config.optimizer]
+        model.compile(optimizer=optimizer(config.learning_rate, clipnorm=config.clipnorm),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=[models.copied_accuracy(config.copy_length)])
     first_delay = min(config.curriculum_start, config.delay) if config.curriculum_start else \
         config.delay
     model.curriculum_delay.assign(first_delay)  # BackupAndRestore overwrites it on resume
-    optimizer = {"adam": keras.optimizers.Adam, "rmsprop": keras.optimizers.RMSprop}[
-        config.optimizer]
-    model.compile(optimizer=optimizer(config.learning_rate, clipnorm=config.clipnorm),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[models.copied_accuracy(config.copy_length)])
-    train_ds = input_pipeline.training_batches(config, model.curriculum_delay)
+    # A resumed run goes on with the batches after the ones its backup has seen.
+    seen = recipe.completed_epochs(recipe.backup_dir(workdir, strategy)) * config.steps_per_epoch
+    train_ds = recipe.shard_by_data(
+        input_pipeline.training_batches(config, model.curriculum_delay, first_batch=seen))
     eval_inputs, eval_targets = input_pipeline.held_out(config)
-    eval_ds = tf.data.Dataset.from_tensor_slices((eval_inputs, eval_targets)).batch(250)
+    eval_ds = recipe.shard_by_data(
+        tf.data.Dataset.from_tensor_slices((eval_inputs, eval_targets)).batch(250))
     probe = eval_inputs[:config.diagnostic_examples], eval_targets[:config.diagnostic_examples]
     baseline = input_pipeline.baseline_loss(config.delay, config.copy_length, config.num_symbols)
     logdir = workdir / "tensorboard"
@@ -199,7 +207,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         Curriculum(config),
         StopWhenDone(config),
         timer,
-        *recipe.training_callbacks(workdir, monitor="val_loss", mode="min"),
+        *recipe.training_callbacks(workdir, monitor="val_loss", mode="min",
+                                   strategy=strategy),
         recipe.EpochSummaries(logdir / "metrics", config.to_dict()),
         Diagnostics(str(logdir / "diagnostics"), *probe, cell=config.cell),
     ]
@@ -223,11 +232,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         "gradient_flow": gradient_flow(model, *probe).tolist(),
         "forget_gate_mean": None if forget is None else forget.tolist(),
     })
-    exported = recipe.export_saved_model(lambda path: export(model, path), workdir)
-    metrics["export"] = str(exported)
+    if recipe.is_chief(strategy):
+        metrics["export"] = str(recipe.export_saved_model(lambda path: export(model, path),
+                                                          workdir))
     metrics["train_seconds"] = round(train_seconds, 1)
     metrics["wall_seconds"] = round(time.time() - start, 1)
     recipe.write_json(workdir / "metrics.json", metrics)
     logging.info("held-out loss %.4f (baseline %.4f), copied-symbol accuracy %.4f; exported to %s",
-                 evaluation["loss"], baseline, evaluation["copied_accuracy"], exported)
+                 evaluation["loss"], baseline, evaluation["copied_accuracy"],
+                 metrics.get("export"))
     return metrics

@@ -85,7 +85,8 @@ def main(argv: list[str]) -> None:
     from recipes.language_model import train
 
     train.train_and_evaluate(_CONFIG.value,
-                             _WORKDIR.value or recipe.default_workdir("language_model"))
+                             _WORKDIR.value or recipe.default_workdir("language_model"),
+                             recipe.strategy_from_flags())
 
 
 if __name__ == "__main__":

@@ -129,20 +129,29 @@ def export(functions: sampling.LanguageModelFunctions, path: str) -> None:
         "generate": functions.generate, "score": functions.score})
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: Any, workdir: str,
+                       strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
     """Trains with truncated BPTT, keeps the best validation loss, tests, exports.
 
     Writes to `workdir`: config.json, vocab.json, tensorboard/, backup/ (while
     training), checkpoints/, metrics.json and export/<version>/. Rerunning a
     killed run with the same workdir resumes it (from its last finished epoch).
+    `strategy` (default: the current one) must have one replica: the stateful
+    TBPTT layers carry one state per row of the global batch.
 
     Returns:
         The metrics written to metrics.json.
     """
     start = time.time()
     recipe.check_config(config, CONFIG_RULES)
+    strategy = strategy or tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync > 1:
+        raise recipe.RecipeError(
+            f"the language model trains with stateful TBPTT, which needs one replica "
+            f"(this strategy has {strategy.num_replicas_in_sync}); use --strategy=default or "
+            "a single device")
     train_text, val_text, test_text = input_pipeline.read_splits(config)
-    workdir = recipe.start_run(config, workdir)
+    workdir = recipe.start_run(config, workdir, strategy)
 
     vocab = input_pipeline.build_vocabulary(config, train_text, workdir / "vocab.json")
     lookup = input_pipeline.make_lookup(config, vocab)
@@ -152,13 +161,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     logging.info("vocabulary %d tokens; %d training batches of %d x %d per epoch",
                  len(vocab) + 1, train_ds.cardinality(), config.batch_size, config.num_steps)
 
-    model = models.create_model(config, len(vocab) + 1, batch_size=config.batch_size)
-    optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[config.optimizer]
-    model.compile(
-        optimizer=optimizer(config.learning_rate, global_clipnorm=config.clipnorm),
-        loss=sequence_loss,
-        metrics=[keras.metrics.SparseCategoricalCrossentropy(
-            from_logits=True, name="cross_entropy")])
+    with strategy.scope():
+        model = models.create_model(config, len(vocab) + 1, batch_size=config.batch_size)
+        optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[
+            config.optimizer]
+        model.compile(
+            optimizer=optimizer(config.learning_rate, global_clipnorm=config.clipnorm),
+            loss=sequence_loss,
+            metrics=[keras.metrics.SparseCategoricalCrossentropy(
+                from_logits=True, name="cross_entropy")])
     functions = sampling.LanguageModelFunctions(
         models.create_model(config, len(vocab) + 1), lookup,
         input_pipeline.make_lookup(config, vocab, invert=True), config)
@@ -167,7 +178,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         ResetStates(),
         learning_rate_schedule(config),
         StreamEvaluation(functions, val_text, config, str(logdir / "samples")),
-        *recipe.training_callbacks(workdir, monitor="val_cross_entropy", mode="min"),
+        *recipe.training_callbacks(workdir, monitor="val_cross_entropy", mode="min",
+                                   strategy=strategy),
         recipe.EpochSummaries(logdir / "metrics", config.to_dict()),
     ]
     history = model.fit(train_ds, epochs=config.epochs, callbacks=callbacks,

@@ -48,7 +48,8 @@ def main(argv: list[str]) -> None:
     from recipes.sentiment import train
 
     train.train_and_evaluate(_CONFIG.value,
-                             _WORKDIR.value or recipe.default_workdir("sentiment"))
+                             _WORKDIR.value or recipe.default_workdir("sentiment"),
+                             recipe.strategy_from_flags())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from lstm_tf.recipe import RecipeError, load_tfds
+from lstm_tf.recipe import RecipeError, load_tfds, shard_by_data
 
 
 def load_splits(config: Any) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Dataset]:
@@ -70,7 +70,8 @@ def batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, con
             training: bool) -> tf.data.Dataset:
     """Bucketed, right-padded `(ids, label)` batches.
 
-    Training drops texts with no tokens and reshuffles every epoch (seeded).
+    Training drops texts with no tokens and reshuffles every epoch (seeded);
+    with `config.drop_remainder`, it keeps only full batches.
     """
     ds = ds.map(
         lambda text, label: (vectorizer(text[None])[0, : config.max_length], label),
@@ -85,6 +86,7 @@ def batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, con
         lambda ids, label: tf.size(ids),
         bucket_boundaries=boundaries,
         bucket_batch_sizes=[config.batch_size] * (len(boundaries) + 1),
-        pad_to_bucket_boundary=False)
+        pad_to_bucket_boundary=False,
+        drop_remainder=training and config.drop_remainder)
     ds = ds.map(lambda ids, label: (_at_least_one_step(ids), label))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return shard_by_data(ds.prefetch(tf.data.AUTOTUNE))

@@ -49,12 +49,15 @@ def export(model: keras.Model, vectorizer: keras.layers.TextVectorization, confi
     archive.write_out(path, verbose=False)
 
 
-def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: Any, workdir: str,
+                       strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
     """Trains on config.train_split, keeps the best validation loss, tests, exports.
 
     Writes to `workdir`: config.json, vocab.txt, tensorboard/, backup/ (while
-    training), checkpoints/, metrics.json and export/<version>/. Rerunning a
-    killed run with the same workdir resumes it.
+    training), checkpoints/, metrics.json and export/<version>/ (the chief
+    only). Rerunning a killed run with the same workdir resumes it.
+    `strategy` (default: the current one) replicates the model; the config's
+    batch size is the global batch.
 
     Returns:
         The metrics written to metrics.json.
@@ -62,22 +65,28 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     start = time.time()
     recipe.check_config(config, CONFIG_RULES)
     train_raw, val_raw, test_raw = input_pipeline.load_splits(config)
-    workdir = recipe.start_run(config, workdir)
+    strategy = strategy or tf.distribute.get_strategy()
+    workdir = recipe.start_run(config, workdir, strategy)
 
     vectorizer = input_pipeline.make_vectorizer(config, train_raw, workdir / "vocab.txt")
     train_ds = input_pipeline.batches(train_raw, vectorizer, config, training=True)
     val_ds = input_pipeline.batches(val_raw, vectorizer, config, training=False)
     test_ds = input_pipeline.batches(test_raw, vectorizer, config, training=False)
+    # A resumed run goes on with the shuffle order of its next epoch: tf.data draws
+    # new shuffle seeds for each iterator, one iterator per epoch.
+    for _ in range(recipe.completed_epochs(recipe.backup_dir(workdir, strategy))):
+        iter(train_ds)
 
-    model = models.create_model(config)
-    model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
-        loss="binary_crossentropy",
-        metrics=["accuracy"])
+    with strategy.scope():
+        model = models.create_model(config)
+        model.compile(
+            optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
+            loss="binary_crossentropy",
+            metrics=["accuracy"])
     sample_ids, _ = next(iter(val_ds))
     logdir = workdir / "tensorboard"
     callbacks = recipe.training_callbacks(
-        workdir, monitor="val_loss", mode="min",
+        workdir, monitor="val_loss", mode="min", strategy=strategy,
         early_stopping_patience=config.early_stopping_patience) + [
         recipe.EpochSummaries(logdir / "metrics", config.to_dict()),
         recipe.GateHistograms(logdir / "gates", sample_ids[:32]),
@@ -93,11 +102,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         "validation": model.evaluate(val_ds, return_dict=True, verbose=0),
         "test": model.evaluate(test_ds, return_dict=True, verbose=0),
     }
-    exported = recipe.export_saved_model(
-        lambda path: export(model, vectorizer, config, path), workdir)
-    metrics["export"] = str(exported)
+    if recipe.is_chief(strategy):
+        exported = recipe.export_saved_model(
+            lambda path: export(model, vectorizer, config, path), workdir)
+        metrics["export"] = str(exported)
     metrics["train_seconds"] = round(train_seconds, 1)
     metrics["wall_seconds"] = round(time.time() - start, 1)
     recipe.write_json(workdir / "metrics.json", metrics)
-    logging.info("test accuracy %.4f; exported to %s", metrics["test"]["accuracy"], exported)
+    logging.info("test accuracy %.4f; exported to %s", metrics["test"]["accuracy"],
+                 metrics.get("export"))
     return metrics

@@ -1,0 +1,134 @@
+"""--strategy: two worker processes (MultiWorkerMirroredStrategy), mirrored over two CPUs.
+
+Both are compared with one process training on the same global batches. Dropout is
+off, gradients are not clipped (Keras clips each replica's gradient before they are
+summed) and only full batches are used (replicas average their mean losses), so the
+runs differ only by the order of floating-point sums.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from recipe_testing import ROOT, assert_one_line_error, run_recipe
+
+COMPARABLE = ["--config=configs/sentiment.py:smoke", "--config.epochs=3", "--deterministic",
+              "--config.dropout=0", "--config.word_dropout=0", "--config.learning_rate=0.01",
+              "--config.clipnorm=1e6", "--config.drop_remainder=True"]
+TOLERANCE = 0.01  # on losses; measured differences are 2e-4 to 4e-3
+
+
+def _metrics(workdir: pathlib.Path) -> dict:
+    return json.loads((workdir / "metrics.json").read_text())
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _start_workers(workdir: pathlib.Path, *args: str) -> list[subprocess.Popen]:
+    """Two `--strategy=multi_worker` processes on 127.0.0.1, cluster in TF_CONFIG."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "recipes.sentiment", f"--workdir={workdir}",
+             "--strategy=multi_worker", *args], cwd=ROOT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "TF_CONFIG": json.dumps(tf_config)}))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("single")
+    run_recipe("sentiment", f"--workdir={workdir}", *COMPARABLE)
+    return _metrics(workdir)
+
+
+def _assert_same_training(metrics: dict, reference: dict) -> None:
+    assert reference["train"]["loss"] < 0.6  # it learnt something: the comparison has teeth
+    for split in ("train", "validation", "test"):
+        assert metrics[split]["loss"] == pytest.approx(reference[split]["loss"], abs=TOLERANCE)
+
+
+def test_two_workers_train_like_one_process(tmp_path, single_process):
+    procs = _start_workers(tmp_path, *COMPARABLE)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+    metrics = _metrics(tmp_path)
+    _assert_same_training(metrics, single_process)
+    # The chief (worker 0) writes the results; worker 1 only its scratch directory.
+    assert metrics["export"] == str(tmp_path / "export" / "1")
+    worker = tmp_path / "workers" / "worker-1"
+    assert (worker / "checkpoints" / "best.weights.h5").exists()
+    assert not (worker / "export").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoints", "config.json", "export", "metrics.json", "tensorboard", "vocab.txt",
+        "workers"]
+
+
+def test_mirrored_over_two_cpus_trains_like_one_device(tmp_path, single_process):
+    proc = run_recipe("sentiment", f"--workdir={tmp_path}", *COMPARABLE,
+                      "--strategy=mirrored", "--cpu_devices=2")
+    assert "MirroredStrategy with devices" in proc.stderr and "device:CPU:1" in proc.stderr
+    _assert_same_training(_metrics(tmp_path), single_process)
+
+
+def test_killed_worker_stops_the_other_and_the_cluster_resumes(tmp_path):
+    args = ["--config=configs/sentiment.py:smoke", "--config.epochs=2"]
+    procs = _start_workers(tmp_path, *args)
+    backup = tmp_path / "backup" / "state" / "training_metadata.json"
+    deadline = time.time() + 180
+    while not backup.exists() and procs[0].poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert backup.exists(), procs[0].communicate()[1][-3000:]
+    procs[1].send_signal(signal.SIGKILL)
+    _, stderr = procs[0].communicate(timeout=120)  # an error, not a hang
+    procs[1].wait()
+    assert_one_line_error(subprocess.CompletedProcess([], procs[0].returncode, "", stderr),
+                          "lost a worker of the cluster")
+    assert not (tmp_path / "metrics.json").exists()
+
+    procs = _start_workers(tmp_path, *args)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+        first_epoch = next(line for line in stdout.splitlines() if line.startswith("Epoch "))
+        assert first_epoch == "Epoch 2/2", first_epoch  # resumed, not restarted
+    assert (tmp_path / "export" / "1" / "saved_model.pb").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy=multi_worker"], "needs the cluster in TF_CONFIG"),
+    (["--strategy=nccl"], "flag --strategy=nccl"),
+    (["--cpu_devices=-1"], "--cpu_devices=-1 is invalid"),
+])
+def test_bad_strategy_flags_give_one_line_errors(tmp_path, args, message):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    proc = run_recipe("sentiment", f"--workdir={tmp_path / 'run'}",
+                      "--config=configs/sentiment.py:smoke", *args, check=False, env=env)
+    assert_one_line_error(proc, message)
+
+
+def test_language_model_needs_one_replica(tmp_path):
+    proc = run_recipe("language_model", f"--workdir={tmp_path / 'run'}",
+                      "--config=configs/language_model.py:smoke", "--strategy=mirrored",
+                      "--cpu_devices=2", check=False)
+    assert_one_line_error(proc, "needs one replica (this strategy has 2)")
+    assert not (tmp_path / "run").exists()

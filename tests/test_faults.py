@@ -1,0 +1,112 @@
+"""Surviving faults: kill -9 and resume, NaN loss, interrupted export, full disk."""
+
+import json
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from recipe_testing import ROOT, assert_one_line_error, run_recipe
+
+from lstm_tf import recipe
+
+# Dropout on: resuming must also restore the dropout layers' random state.
+SENTIMENT = ["--config=configs/sentiment.py:smoke", "--config.epochs=3", "--deterministic"]
+
+
+def _results(workdir: pathlib.Path) -> dict:
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    return {split: metrics[split] for split in ("train", "validation", "test")}
+
+
+def test_killed_run_resumes_and_ends_as_if_never_killed(tmp_path):
+    uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
+    run_recipe("sentiment", f"--workdir={uninterrupted}", *SENTIMENT)
+
+    args = [sys.executable, "-m", "recipes.sentiment", f"--workdir={killed}", *SENTIMENT]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metadata = killed / "backup" / "state" / "training_metadata.json"
+    deadline = time.time() + 120
+    while not metadata.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(metadata.read_text())["epoch"] == 1, "not killed during epoch 2"
+    assert not (killed / "metrics.json").exists()
+
+    resumed = run_recipe("sentiment", f"--workdir={killed}", *SENTIMENT)
+    first_epoch = next(line for line in resumed.stdout.splitlines() if line.startswith("Epoch "))
+    assert first_epoch == "Epoch 2/3"  # from the backup, not from scratch
+    assert _results(killed) == _results(uninterrupted)  # bitwise: same data order, dropout
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_checkpoint_and_export(tmp_path):
+    smoke = ["--config=configs/copy_task.py:smoke"]
+    run_recipe("copy_task", f"--workdir={tmp_path}", *smoke)
+    best = (tmp_path / "checkpoints" / "best.weights.h5").read_bytes()
+    proc = run_recipe("copy_task", f"--workdir={tmp_path}", *smoke,
+                      "--config.learning_rate=1e35", "--config.clipnorm=1e30", check=False)
+    assert_one_line_error(proc, "training loss became")
+    assert "at step " in proc.stderr and "(epoch 1, batch " in proc.stderr
+    assert (tmp_path / "checkpoints" / "best.weights.h5").read_bytes() == best
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["1"]
+    serve = tf.saved_model.load(str(tmp_path / "export" / "1")).signatures["serving_default"]
+    assert serve(inputs=tf.zeros([1, 30], tf.int32))["predictions"].shape == (1, 30)
+
+
+def _write_model(path: str) -> None:
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.export(path, verbose=False)
+
+
+def test_interrupted_export_leaves_the_previous_version_servable(tmp_path):
+    first = recipe.export_saved_model(_write_model, tmp_path)
+
+    def dies_halfway(path: str) -> None:
+        _write_model(path)  # a complete SavedModel in the temporary directory ...
+        (pathlib.Path(path) / "variables").rename(pathlib.Path(path) / "half")
+        raise KeyboardInterrupt  # ... then the process is interrupted
+
+    with pytest.raises(KeyboardInterrupt):
+        recipe.export_saved_model(dies_halfway, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["1"]
+    assert recipe.latest_export(str(tmp_path / "export")) == first
+    loaded = tf.saved_model.load(str(first))
+    assert loaded.serve(np.ones((1, 3), np.float32)).shape == (1, 2)
+
+    # A kill -9 cannot clean up: its temporary directory is hidden, never served,
+    # and removed by the next export.
+    shutil.copytree(first, tmp_path / "export" / ".tmp-2-12345")
+    assert recipe.latest_export(str(tmp_path / "export")) == first
+    assert recipe.export_saved_model(_write_model, tmp_path).name == "2"
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["1", "2"]
+
+
+def test_backup_interrupted_while_swapping_is_recovered(tmp_path):
+    """A kill between the two renames of a backup leaves only `state.old`: it is used."""
+    (tmp_path / "state.old").mkdir()
+    (tmp_path / "state.old" / "training_metadata.json").write_text('{"epoch": 3}')
+    assert recipe.completed_epochs(tmp_path) == 3
+    assert (tmp_path / "state").exists() and not (tmp_path / "state.old").exists()
+    assert recipe.completed_epochs(tmp_path / "nothing") == 0
+
+
+def test_full_disk_gives_one_line_error(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    workdir = disk / "run"
+    script = (f"mount -t tmpfs -o size=300k tmpfs {disk} && exec {sys.executable} -m "
+              f"recipes.sentiment --workdir={workdir} --config=configs/sentiment.py:smoke")
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -rm` (user and mount namespaces) for a small tmpfs")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert_one_line_error(proc, "no space left on device writing ")
