@@ -42,6 +42,19 @@ def test_sequences_put_symbols_delimiter_and_copy_where_the_task_says():
     assert symbols.min() >= 1 and symbols.max() <= 8 and len(np.unique(symbols)) == 8
 
 
+def test_resumed_batches_continue_the_stream():
+    """A run resumed after k batches trains on batch k next, as an uninterrupted run would."""
+    config = copy_config.get_config("smoke")
+    delay = tf.Variable(7)
+    stream = list(input_pipeline.training_batches(config, delay).take(5))
+    resumed = list(input_pipeline.training_batches(config, delay, first_batch=3).take(2))
+    for (inputs, targets), (expected_inputs, expected_targets) in zip(
+            resumed, stream[3:], strict=True):
+        np.testing.assert_array_equal(inputs, expected_inputs)
+        np.testing.assert_array_equal(targets, expected_targets)
+    assert not np.array_equal(stream[0][0], stream[3][0])
+
+
 def test_baseline_is_the_memoryless_cross_entropy():
     assert input_pipeline.baseline_loss(100) == pytest.approx(0.173, abs=5e-4)
     # The memoryless strategy: blank with certainty, then uniform over the symbols.
