@@ -48,18 +48,49 @@ def test_killed_run_resumes_and_ends_as_if_never_killed(tmp_path):
     assert _results(killed) == _results(uninterrupted)  # bitwise: same data order, dropout
 
 
-def test_nan_loss_stops_with_one_line_and_keeps_checkpoint_and_export(tmp_path):
-    smoke = ["--config=configs/copy_task.py:smoke"]
-    run_recipe("copy_task", f"--workdir={tmp_path}", *smoke)
-    best = (tmp_path / "checkpoints" / "best.weights.h5").read_bytes()
-    proc = run_recipe("copy_task", f"--workdir={tmp_path}", *smoke,
+COPY_SMOKE = ["--config=configs/copy_task.py:smoke"]
+
+
+@pytest.fixture
+def finished_copy_run(tmp_path):
+    """A workdir with a completed copy-task smoke run: best checkpoint and export 1."""
+    run_recipe("copy_task", f"--workdir={tmp_path}", *COPY_SMOKE)
+    return tmp_path
+
+
+def _assert_export_1_serves(workdir: pathlib.Path) -> None:
+    assert sorted(p.name for p in (workdir / "export").iterdir() if p.name[0] != ".") == ["1"]
+    assert recipe.latest_export(str(workdir / "export")).name == "1"
+    loaded = tf.saved_model.load(str(workdir / "export" / "1"))
+    predictions = loaded.signatures["serving_default"](inputs=tf.zeros([1, 30], tf.int32))
+    assert predictions["predictions"].shape == (1, 30)
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_checkpoint_and_export(finished_copy_run):
+    workdir = finished_copy_run
+    best = (workdir / "checkpoints" / "best.weights.h5").read_bytes()
+    proc = run_recipe("copy_task", f"--workdir={workdir}", *COPY_SMOKE,
                       "--config.learning_rate=1e35", "--config.clipnorm=1e30", check=False)
     assert_one_line_error(proc, "training loss became")
     assert "at step " in proc.stderr and "(epoch 1, batch " in proc.stderr
-    assert (tmp_path / "checkpoints" / "best.weights.h5").read_bytes() == best
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["1"]
-    serve = tf.saved_model.load(str(tmp_path / "export" / "1")).signatures["serving_default"]
-    assert serve(inputs=tf.zeros([1, 30], tf.int32))["predictions"].shape == (1, 30)
+    assert (workdir / "checkpoints" / "best.weights.h5").read_bytes() == best
+    _assert_export_1_serves(workdir)
+
+
+def test_run_killed_while_exporting_leaves_the_previous_version_servable(finished_copy_run):
+    workdir = finished_copy_run
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recipes.copy_task", f"--workdir={workdir}", *COPY_SMOKE],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while (not list((workdir / "export").glob(".tmp-*")) and proc.poll() is None
+           and time.time() < deadline):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it exported"
+    assert list((workdir / "export").glob(".tmp-*"))  # killed mid-export
+    _assert_export_1_serves(workdir)
 
 
 def _write_model(path: str) -> None:
