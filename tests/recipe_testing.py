@@ -3,6 +3,8 @@
 import pathlib
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -16,6 +18,15 @@ def run_recipe(module: str, *args: str, check: bool = True, cwd=ROOT, **kwargs):
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc
+
+
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120,
+               interval: float = 0.02) -> bool:
+    """Polls `condition` until it holds, `proc` exits or `timeout` passes; returns it."""
+    deadline = time.time() + timeout
+    while not condition() and proc.poll() is None and time.time() < deadline:
+        time.sleep(interval)
+    return condition()
 
 
 def assert_one_line_error(proc, message: str) -> None:

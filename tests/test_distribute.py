@@ -12,10 +12,9 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from recipe_testing import ROOT, assert_one_line_error, run_recipe
+from recipe_testing import ROOT, assert_one_line_error, run_recipe, wait_until
 
 COMPARABLE = ["--config=configs/sentiment.py:smoke", "--config.epochs=3", "--deterministic",
               "--config.dropout=0", "--config.word_dropout=0", "--config.learning_rate=0.01",
@@ -94,10 +93,7 @@ def test_killed_worker_stops_the_other_and_the_cluster_resumes(tmp_path):
     args = ["--config=configs/sentiment.py:smoke", "--config.epochs=2"]
     procs = _start_workers(tmp_path, *args)
     backup = tmp_path / "backup" / "state" / "training_metadata.json"
-    deadline = time.time() + 180
-    while not backup.exists() and procs[0].poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert backup.exists(), procs[0].communicate()[1][-3000:]
+    assert wait_until(backup.exists, procs[0], timeout=180), procs[0].communicate()[1][-3000:]
     procs[1].send_signal(signal.SIGKILL)
     _, stderr = procs[0].communicate(timeout=120)  # an error, not a hang
     procs[1].wait()

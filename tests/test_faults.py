@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from recipe_testing import ROOT, assert_one_line_error, run_recipe
+from recipe_testing import ROOT, assert_one_line_error, run_recipe, wait_until
 
 from lstm_tf import recipe
 
@@ -33,9 +33,7 @@ def test_killed_run_resumes_and_ends_as_if_never_killed(tmp_path):
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metadata = killed / "backup" / "state" / "training_metadata.json"
-    deadline = time.time() + 120
-    while not metadata.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    wait_until(metadata.exists, proc)
     time.sleep(0.3)  # into epoch 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -82,10 +80,7 @@ def test_run_killed_while_exporting_leaves_the_previous_version_servable(finishe
     proc = subprocess.Popen(
         [sys.executable, "-m", "recipes.copy_task", f"--workdir={workdir}", *COPY_SMOKE],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while (not list((workdir / "export").glob(".tmp-*")) and proc.poll() is None
-           and time.time() < deadline):
-        time.sleep(0.005)
+    wait_until(lambda: any((workdir / "export").glob(".tmp-*")), proc, interval=0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it exported"
