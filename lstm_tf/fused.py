@@ -1,26 +1,26 @@
-"""The fused LSTM sequence path: the same maths as `LSTMCell`, fewer ops per step.
+"""The fused LSTM sequence path: the same maths as `LSTMCell`, fewer, cheaper ops.
 
-What it does to be fast on a CPU (the speed it reaches, 1.0-1.5x `keras.layers.LSTM` for
-training from 256 units, is in the README; `benchmarks/lstm_throughput.py` measures it):
+What it does to be fast on a CPU (the speed it reaches against `keras.layers.LSTM` and
+`torch.nn.LSTM` is in the README; `benchmarks/lstm_throughput.py` measures it):
 
 * The input projection x_t·W + b of every step is one large matmul before the
-  loop; only h_{t-1}·U stays inside it.
+  loop (time-major, 2-D); only h_{t-1}·U stays inside it.
+* The loops are compiled by XLA (`tf.function(jit_compile=True)`), which
+  fuses each step's element-wise work into a few passes instead of a dozen
+  TensorFlow ops, each with its own dispatch (the per-step op overhead is what
+  made a plain `tf.while_loop` no faster than Keras); one sigmoid over all
+  four gates (tanh(z) = 2σ(2z) - 1 for the candidate).
 * A hand-written gradient (`tf.custom_gradient`) for the whole recurrence: the
-  forward loop keeps the activations it computed anyway; the backward loop is
-  a few fused element-wise ops (`SigmoidGrad`, `TanhGrad`) and dz_t·Uᵀ on
-  cache-sized tensors (whole-sequence element-wise passes measured slower:
-  they are memory-bound); the weight gradient Σ_t h_{t-1}ᵀ·dz_t is one matmul
-  after the loop.
+  forward loop keeps the gate activations it computed anyway; the backward
+  loop is the element-wise chain rule and dz_t·Uᵀ; the weight gradients
+  Σ_t h_{t-1}ᵀ·dz_t and Σ_t x_tᵀ·dz_t are one matmul each after the loop.
+  For inference nothing is kept (and a gradient, if one is asked for anyway,
+  recomputes the forward pass).
 * Masks become per-sequence lengths: the loop runs unmasked and the final
   state is gathered at each sequence's last real step; the backward direction
   reads each sequence reversed up to its length (`tf.reverse_sequence`).
 * A `Bidirectional`'s two directions are two independent loops in one graph,
-  which TensorFlow runs concurrently, one per core. (Running both in one loop
-  as an LSTM of 2·units with a block-diagonal recurrent kernel measured
-  1.4-1.7x slower than that here: twice the matmul FLOPs, one core.)
-* Only cheap ops in the loops: 2-D `MatMul` (not `BatchMatMul`, and no
-  `transpose_b`, which is ~2x slower there), strided slices instead of
-  `Split`, no broadcasting.
+  which TensorFlow runs concurrently.
 """
 
 from __future__ import annotations
@@ -30,80 +30,152 @@ from typing import Any
 import tensorflow as tf
 
 
-@tf.custom_gradient
-def recurrence(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-               recurrent_kernel: tf.Tensor) -> tuple[Any, Any]:
-    """All hidden and cell states of one LSTM of M units.
+def recurrence(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor, recurrent_kernel: tf.Tensor,
+               training: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+    """All hidden and cell states of one LSTM of M units, differentiable.
 
     Args:
         xz: `[T, B, 4M]`, x_t·W + b for every step (gate order i, f, c, o).
         h0, c0: `[B, M]` initial states.
         recurrent_kernel: `[M, 4M]`.
+        training: keep the gate activations for the gradient; else keep
+            nothing and recompute them if a gradient is asked for.
 
     Returns:
         `(H, C)`, each `[T, B, M]`: h_t and C_t after every step.
     """
-    steps, m = tf.shape(xz)[0], h0.shape[-1]
+    return (_recurrence_keeping_gates if training else _recurrence_recomputing)(
+        xz, h0, c0, recurrent_kernel)
 
-    def forward_body(t, h, c, *arrays):
-        z = xz[t] + tf.matmul(h, recurrent_kernel)
-        s = tf.sigmoid(z)  # i, f, (unused), o
-        g = tf.tanh(z[:, 2 * m:3 * m])
-        c = s[:, m:2 * m] * c + s[:, :m] * g
-        tanh_c = tf.tanh(c)
-        h = s[:, 3 * m:] * tanh_c
-        return (t + 1, h, c, *(a.write(t, v) for a, v in zip(arrays, (h, c, s, g, tanh_c),
-                                                              strict=True)))
 
-    arrays = [tf.TensorArray(xz.dtype, size=steps) for _ in range(5)]
-    _, _, _, *arrays = tf.while_loop(lambda t, *_: t < steps, forward_body, [0, h0, c0, *arrays])
-    # (The gradient must capture plain tensors, not TensorArrays, so that
-    # `model.export` can save a model that holds this function.)
-    hs, cs, sigmoids, candidates, tanh_cs = (
-        _stack(a, h0, width) for a, width in zip(arrays, (m, m, 4 * m, m, m), strict=True))
+# (The compiled functions are called on `tf.stop_gradient`-ed inputs: a
+# gradient tape would otherwise ask TensorFlow to differentiate them itself,
+# which it cannot do through XLA's while loops; `tf.custom_gradient` supplies
+# the gradient instead.)
+@tf.custom_gradient
+def _recurrence_keeping_gates(xz, h0, c0, recurrent_kernel):
+    hs, cs, gates = _forward_keeping_gates(*_unwatched(xz, h0, c0, recurrent_kernel))
 
-    def grad(d_hs: tf.Tensor, d_cs: tf.Tensor) -> tuple[Any, ...]:
-        c_prevs = tf.concat([c0[None], cs[:-1]], 0)
-        kernel_t = tf.transpose(recurrent_kernel)
-        sigmoid_grad, tanh_grad = tf.raw_ops.SigmoidGrad, tf.raw_ops.TanhGrad
-
-        def backward_body(k, dh_rec, dc_rec, dzs):
-            t = steps - 1 - k
-            s, g, tanh_c = sigmoids[t], candidates[t], tanh_cs[t]
-            i, f, o = s[:, :m], s[:, m:2 * m], s[:, 3 * m:]
-            dh = d_hs[t] + dh_rec
-            dc = d_cs[t] + dc_rec + tanh_grad(y=tanh_c, dy=dh * o)
-            dz = tf.concat([sigmoid_grad(y=i, dy=dc * g),  # through i_t
-                            sigmoid_grad(y=f, dy=dc * c_prevs[t]),  # through f_t
-                            tanh_grad(y=g, dy=dc * i),  # through C̃_t
-                            sigmoid_grad(y=o, dy=dh * tanh_c)], -1)  # through o_t
-            return k + 1, tf.matmul(dz, kernel_t), dc * f, dzs.write(t, dz)
-
-        _, dh0, dc0, dzs = tf.while_loop(
-            lambda k, *_: k < steps, backward_body,
-            [0, tf.zeros_like(h0), tf.zeros_like(c0), tf.TensorArray(xz.dtype, size=steps)])
-        dz = _stack(dzs, h0, 4 * m)
-        # Σ_t h_{t-1}ᵀ·dz_t as one matmul.
-        h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
-        d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
-        return dz, dh0, dc0, d_kernel
+    def grad(d_hs, d_cs):
+        return _gradient(d_hs, d_cs, hs, cs, gates, h0, c0, recurrent_kernel)
 
     return (hs, cs), grad
 
 
-def _stack(array: tf.TensorArray, h0: tf.Tensor, width: int) -> tf.Tensor:
-    """`array.stack()` of `[B, width]` elements, also for zero steps.
+@tf.custom_gradient
+def _recurrence_recomputing(xz, h0, c0, recurrent_kernel):
+    def grad(d_hs, d_cs):
+        hs, cs, gates = _forward_keeping_gates(xz, h0, c0, recurrent_kernel)
+        return _gradient(d_hs, d_cs, hs, cs, gates, h0, c0, recurrent_kernel)
 
-    (TF cannot stack an empty list of `[None, width]`; tf.distribute feeds
-    zero-step batches to replicas that have no data in a step.)
+    return _forward(*_unwatched(xz, h0, c0, recurrent_kernel)), grad
+
+
+def _gradient(d_hs, d_cs, hs, cs, gates, h0, c0, recurrent_kernel) -> tuple:
+    """Gradients `(dxz, dh0, dc0, d_recurrent_kernel)` of `recurrence`."""
+    dz, dh0, dc0 = _backward(d_hs, d_cs, cs, gates, c0, recurrent_kernel)
+    # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
+    # MatMul measured faster for it).
+    m = h0.shape[-1]
+    h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
+    d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
+    return dz, dh0, dc0, d_kernel
+
+
+def _unwatched(*tensors: tf.Tensor) -> list[tf.Tensor]:
+    return [tf.stop_gradient(t) for t in tensors]
+
+
+def _step(x_z: tf.Tensor, h: tf.Tensor, c: tf.Tensor, recurrent_kernel: tf.Tensor) -> tuple:
+    """One `LSTMCell` step from the precomputed x_t·W + b: (h_t, C_t, [i, f, C̃, o])."""
+    m = h.shape[-1]
+    z = x_z + tf.matmul(h, recurrent_kernel)
+    # One sigmoid over all four gates (one fused pass): tanh(z) = 2σ(2z) - 1
+    # for the candidate C̃. (Separate sigmoid/tanh calls on the slices of z
+    # measured 1.5x slower for the whole forward pass.)
+    scale = tf.repeat(tf.constant([1, 1, 2, 1], z.dtype), m)
+    gates = tf.sigmoid(z * scale) * scale - (scale - 1)
+    i, f, candidate, o = (gates[:, j * m:(j + 1) * m] for j in range(4))
+    c = f * c + i * candidate
+    return o * tf.tanh(c), c, gates
+
+
+def _loop(steps: tf.Tensor, body: Any, state: list, outputs: list[tuple[tf.Tensor, int]],
+          reverse: bool = False) -> tuple:
+    """Runs `body(t, *state) -> (state, per_step_outputs)` for t < steps.
+
+    `reverse`: from the last step to the first.
+
+    Returns the final state and the per-step outputs stacked in step order,
+    `[T, B, width]` for each `(example, width)` in `outputs`.
     """
-    return tf.cond(array.size() > 0, array.stack,
-                   lambda: tf.zeros([0, tf.shape(h0)[0], width], h0.dtype))
+    arrays = [tf.TensorArray(like.dtype, size=steps, element_shape=[like.shape[0], width])
+              for like, width in outputs]
+
+    def loop_body(k, *carried):
+        t = steps - 1 - k if reverse else k
+        state, values = body(t, *carried[:len(carried) - len(arrays)])
+        written = [a.write(t, v) for a, v in zip(carried[len(state):], values, strict=True)]
+        return (k + 1, *state, *written)
+
+    _, *carried = tf.while_loop(lambda k, *_: k < steps, loop_body, [0, *state, *arrays],
+                                maximum_iterations=steps)
+    return carried[:len(state)], [a.stack() for a in carried[len(state):]]
+
+
+@tf.function(jit_compile=True)
+def _forward(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+             recurrent_kernel: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(H, C)`, keeping nothing else."""
+    def body(t, h, c):
+        h, c, _ = _step(xz[t], h, c, recurrent_kernel)
+        return (h, c), (h, c)
+
+    m = h0.shape[-1]
+    _, (hs, cs) = _loop(tf.shape(xz)[0], body, [h0, c0], [(h0, m), (c0, m)])
+    return hs, cs
+
+
+@tf.function(jit_compile=True)
+def _forward_keeping_gates(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+                           recurrent_kernel: tf.Tensor) -> tuple:
+    """`(H, C, G)`: G `[T, B, 4M]` the gate activations i, f, C̃, o of every step."""
+    def body(t, h, c):
+        h, c, gates = _step(xz[t], h, c, recurrent_kernel)
+        return (h, c), (h, c, gates)
+
+    m = h0.shape[-1]
+    _, outputs = _loop(tf.shape(xz)[0], body, [h0, c0], [(h0, m), (c0, m), (h0, 4 * m)])
+    return tuple(outputs)
+
+
+@tf.function(jit_compile=True)
+def _backward(d_hs: tf.Tensor, d_cs: tf.Tensor, cs: tf.Tensor, gates: tf.Tensor,
+              c0: tf.Tensor, recurrent_kernel: tf.Tensor) -> tuple:
+    """`(dz, dh0, dc0)`; dz `[T, B, 4M]`: the gradient of z_t = x_t·W + h_{t-1}·U + b."""
+    m = c0.shape[-1]
+    kernel_t = tf.transpose(recurrent_kernel)
+
+    def body(t, dh_next, dc_next):
+        i, f, candidate, o = (gates[t][:, j * m:(j + 1) * m] for j in range(4))
+        c_prev = tf.where(t > 0, cs[tf.maximum(t - 1, 0)], c0)
+        tanh_c = tf.tanh(cs[t])
+        dh = d_hs[t] + dh_next
+        dc = d_cs[t] + dc_next + dh * o * (1 - tanh_c * tanh_c)
+        dz = tf.concat([dc * candidate * i * (1 - i),  # through i_t
+                        dc * c_prev * f * (1 - f),  # through f_t
+                        dc * i * (1 - candidate * candidate),  # through C̃_t
+                        dh * tanh_c * o * (1 - o)], 1)  # through o_t
+        return (tf.matmul(dz, kernel_t), dc * f), (dz,)
+
+    (dh0, dc0), (dz,) = _loop(tf.shape(cs)[0], body, [tf.zeros_like(c0), tf.zeros_like(c0)],
+                              [(c0, 4 * m)], reverse=True)
+    return dz, dh0, dc0
 
 
 def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backwards: bool,
         initial_state: list[Any], lengths: tf.Tensor | None,
-        zero_output_for_mask: bool) -> tuple:
+        zero_output_for_mask: bool, training: bool = True) -> tuple:
     """One LSTM over `x` with `keras.layers.RNN`'s semantics, on the fused path.
 
     Args:
@@ -113,6 +185,7 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
         initial_state: `[h0, c0]`.
         lengths: `[B]` real lengths of right-padded sequences, or None.
         zero_output_for_mask: outputs at masked steps are 0 (else the last output).
+        training: see `recurrence`.
 
     Returns:
         `(last_output, outputs, [h, c])` as `keras.layers.RNN.inner_loop` returns
@@ -121,10 +194,24 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
     h0, c0 = (tf.convert_to_tensor(s) for s in initial_state)
     if go_backwards:
         x = tf.reverse(x, [1]) if lengths is None else tf.reverse_sequence(x, lengths, 1, 0)
-    xz = tf.einsum("btd,dk->tbk", x, tf.convert_to_tensor(kernel))
+    maybe_empty = not x.shape[1]
+    if maybe_empty:
+        # Possibly zero steps (tf.distribute feeds `(0, 0, features)` batches to
+        # replicas without data in a step), which XLA cannot compile: run one
+        # padding step then, and drop it.
+        steps = tf.shape(x)[1]
+        x = tf.pad(x, [[0, 0], [0, tf.cast(steps == 0, tf.int32)], [0, 0]])
+    # x_t·W + b for all steps, time-major, as one 2-D matmul (its gradients
+    # too; `einsum` measured 1.2-2.7x slower here).
+    kernel = tf.convert_to_tensor(kernel)
+    x = tf.transpose(x, [1, 0, 2])
+    xz = tf.reshape(tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel),
+                    tf.concat([tf.shape(x)[:2], kernel.shape[-1:]], 0))
     if bias is not None:
         xz = xz + tf.convert_to_tensor(bias)
-    hs, cs = recurrence(xz, h0, c0, tf.convert_to_tensor(recurrent_kernel))
+    hs, cs = recurrence(xz, h0, c0, tf.convert_to_tensor(recurrent_kernel), training)
+    if maybe_empty:
+        hs, cs = hs[:steps], cs[:steps]
     h_seq = tf.transpose(hs, [1, 0, 2])  # [B, T, U]
     if lengths is None:
         h_last, c_last = tf.cond(tf.shape(hs)[0] > 0, lambda: (hs[-1], cs[-1]),

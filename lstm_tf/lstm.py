@@ -11,7 +11,7 @@ import tensorflow as tf
 from lstm_tf import fused as fused_lib
 from lstm_tf.cell import LSTMCell
 
-# `fused="auto"` trains on the fused path from this many units up (benchmarks/).
+# `fused="auto"` runs the fused path from this many units up (benchmarks/).
 FUSED_MIN_UNITS = 256
 
 # Every `LSTMCell` constructor argument after `units` (not `**kwargs`).
@@ -36,17 +36,18 @@ class LSTM(keras.layers.RNN):
         stateful: Carry the final state of batch k into batch k+1 (needs a
             fixed batch size); clear it with `reset_state()`.
         unroll: Unroll the step loop (short sequences only).
-        fused: `"auto"` (default) runs the fused path (`lstm_tf.fused`) for
-            training calls (`training=True`, as in `fit`) when it applies and
-            `units >= 256`, where it measured faster than the step loop on a
-            2-core CPU (smaller layers and inference: not faster, see the
-            README), and the step-by-step `LSTMCell` loop otherwise; `False`
-            always runs the step loop; `True` always the fused path. It
-            applies when `activation="tanh"`,
-            `recurrent_activation="sigmoid"`, `recurrent_dropout=0`,
-            `unroll=False`, and masks (if any) are right-padded (real steps
-            first; other masks raise an error on this path: use
-            `fused=False`). Both paths compute the same function.
+        fused: `"auto"` (default) runs the fused path (`lstm_tf.fused`: the
+            input projection as one matmul, the recurrence compiled by XLA, a
+            hand-written gradient) when it applies and `units >= 256`, where
+            it measured faster than the step loop on a 2-core CPU (smaller
+            layers: not faster, see the README), and the step-by-step
+            `LSTMCell` loop otherwise; `False` always runs the step loop;
+            `True` always the fused path. It applies when
+            `activation="tanh"`, `recurrent_activation="sigmoid"`,
+            `recurrent_dropout=0`, `unroll=False`, and masks (if any) are
+            right-padded (real steps first; other masks raise an error on
+            this path: use `fused=False`). Both paths compute the same
+            function.
         **kwargs: Every `LSTMCell` argument (`activation`, `dropout`,
             `unit_forget_bias`, initializers, ...) and the usual layer
             arguments (`name`, `dtype`, ...).
@@ -116,11 +117,11 @@ class LSTM(keras.layers.RNN):
             and not self.unroll
         )
 
-    def uses_fused_path(self, training: bool) -> bool:
-        """Whether a call with this `training` flag runs on the fused path."""
+    def uses_fused_path(self) -> bool:
+        """Whether calls run on the fused path."""
         if self.fused is True:
             return True
-        return self.can_fuse() and bool(training) and self.units >= FUSED_MIN_UNITS
+        return self.can_fuse() and self.units >= FUSED_MIN_UNITS
 
     def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool = False) -> tuple:
@@ -129,7 +130,7 @@ class LSTM(keras.layers.RNN):
                 sequences, initial_state, mask, training)
             return last_output, outputs, list(states)
 
-        if sequences.shape[1] or self.uses_fused_path(training):
+        if sequences.shape[1] or self.uses_fused_path():
             return run()  # a known, positive number of steps; the fused path takes zero
         # Zero steps: tf.distribute feeds `(0, 0, features)` batches to replicas
         # that have no data in a step (the last, partial batch): the state
@@ -141,7 +142,7 @@ class LSTM(keras.layers.RNN):
 
     def _run_steps(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool) -> tuple:
-        if not self.uses_fused_path(training):
+        if not self.uses_fused_path():
             return super().inner_loop(sequences, initial_state, mask, training=training)
         if isinstance(mask, (list, tuple)):
             mask = mask[0]
@@ -152,7 +153,7 @@ class LSTM(keras.layers.RNN):
             sequences, cell.kernel, cell.recurrent_kernel,
             cell.bias, self.go_backwards, list(initial_state),
             None if mask is None else fused_lib.right_padded_lengths(mask),
-            self.zero_output_for_mask)
+            self.zero_output_for_mask, bool(training))
 
     def build(self, sequences_shape: tuple, initial_state_shape: Any = None) -> None:
         if len(sequences_shape) != 3:

@@ -22,21 +22,25 @@ def _pair(make, x):
     return step, fused
 
 
-def _outputs_and_gradients(layer, x, mask, initial_state):
-    x = tf.constant(x)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        kwargs = {} if initial_state is None else {"initial_state": initial_state}
-        out = tf.nest.flatten(layer(x, mask=mask, **kwargs))
-        loss = sum(tf.reduce_sum(tf.sin(o * (k + 1.0))) for k, o in enumerate(out))
-    return out, tape.gradient(loss, [x, *layer.trainable_variables])
+def _outputs_and_gradients(layer, x, mask, initial_state, training):
+    """Eager for inference calls, in a tf.function (as `fit` runs) for training calls."""
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            kwargs = {} if initial_state is None else {"initial_state": initial_state}
+            out = tf.nest.flatten(layer(x, mask=mask, training=training, **kwargs))
+            loss = sum(tf.reduce_sum(tf.sin(o * (k + 1.0))) for k, o in enumerate(out))
+        return out, tape.gradient(loss, [x, *layer.trainable_variables])
+
+    return (tf.function(run) if training else run)(tf.constant(x))
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("go_backwards", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_fused_equals_step_path(bidirectional, go_backwards, masked, with_state):
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_equals_step_path(bidirectional, go_backwards, masked, with_state, training):
     if bidirectional and go_backwards:
         pytest.skip("Bidirectional sets the directions itself")
 
@@ -53,21 +57,20 @@ def test_fused_equals_step_path(bidirectional, go_backwards, masked, with_state)
         rng = np.random.default_rng(2)
         n_states = 4 if bidirectional else 2
         state = [rng.normal(size=(B, U)).astype("float32") for _ in range(n_states)]
-    out_s, grad_s = _outputs_and_gradients(step, x, mask, state)
-    out_f, grad_f = _outputs_and_gradients(fused, x, mask, state)
+    out_s, grad_s = _outputs_and_gradients(step, x, mask, state, training)
+    out_f, grad_f = _outputs_and_gradients(fused, x, mask, state, training)
     for a, b in zip(out_s + grad_s, out_f + grad_f, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_auto_picks_the_fused_path_when_it_applies():
     big = lstm_tf.lstm.FUSED_MIN_UNITS
-    assert lstm_tf.LSTM(big).uses_fused_path(training=True)
-    assert not lstm_tf.LSTM(big).uses_fused_path(training=False)  # inference: step loop
-    assert not lstm_tf.LSTM(big - 1).uses_fused_path(training=True)
-    assert lstm_tf.LSTM(U, fused=True).uses_fused_path(training=False)
-    assert not lstm_tf.LSTM(big, recurrent_dropout=0.1).uses_fused_path(training=True)
-    assert not lstm_tf.LSTM(big, activation="relu").uses_fused_path(training=True)
-    assert not lstm_tf.LSTM(big, fused=False).uses_fused_path(training=True)
+    assert lstm_tf.LSTM(big).uses_fused_path()
+    assert not lstm_tf.LSTM(big - 1).uses_fused_path()
+    assert lstm_tf.LSTM(U, fused=True).uses_fused_path()
+    assert not lstm_tf.LSTM(big, recurrent_dropout=0.1).uses_fused_path()
+    assert not lstm_tf.LSTM(big, activation="relu").uses_fused_path()
+    assert not lstm_tf.LSTM(big, fused=False).uses_fused_path()
     with pytest.raises(ValueError, match="fused=True needs"):
         lstm_tf.LSTM(U, recurrent_dropout=0.1, fused=True)
 
