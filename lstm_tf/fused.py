@@ -30,22 +30,24 @@ from typing import Any
 import tensorflow as tf
 
 
-def recurrence(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor, recurrent_kernel: tf.Tensor,
-               training: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
-    """All hidden and cell states of one LSTM of M units, differentiable.
+def recurrence(xz: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+               recurrent_kernel: tf.Tensor, training: bool = True) -> tuple:
+    """All hidden states of one LSTM of M units, and its final state; differentiable.
 
     Args:
         xz: `[T, B, 4M]`, x_t·W + b for every step (gate order i, f, c, o).
+        lengths: `[B]` int32, the number of real steps of each sequence.
         h0, c0: `[B, M]` initial states.
         recurrent_kernel: `[M, 4M]`.
         training: keep the gate activations for the gradient; else keep
             nothing and recompute them if a gradient is asked for.
 
     Returns:
-        `(H, C)`, each `[T, B, M]`: h_t and C_t after every step.
+        `(H, h, C)`: H `[T, B, M]` h_t after every step; h, C `[B, M]` the state
+        after each sequence's last real step (the initial state for length 0).
     """
     return (_recurrence_keeping_gates if training else _recurrence_recomputing)(
-        xz, h0, c0, recurrent_kernel)
+        xz, lengths, h0, c0, recurrent_kernel)
 
 
 # (The compiled functions are called on `tf.stop_gradient`-ed inputs: a
@@ -53,33 +55,34 @@ def recurrence(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor, recurrent_kernel: tf
 # which it cannot do through XLA's while loops; `tf.custom_gradient` supplies
 # the gradient instead.)
 @tf.custom_gradient
-def _recurrence_keeping_gates(xz, h0, c0, recurrent_kernel):
-    hs, cs, gates = _forward_keeping_gates(*_unwatched(xz, h0, c0, recurrent_kernel))
+def _recurrence_keeping_gates(xz, lengths, h0, c0, recurrent_kernel):
+    hs, h, c, cs, gates = _forward_keeping_gates(
+        *_unwatched(xz, lengths, h0, c0, recurrent_kernel))
 
-    def grad(d_hs, d_cs):
-        return _gradient(d_hs, d_cs, hs, cs, gates, h0, c0, recurrent_kernel)
+    def grad(d_hs, d_h, d_c):
+        return _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel)
 
-    return (hs, cs), grad
+    return (hs, h, c), grad
 
 
 @tf.custom_gradient
-def _recurrence_recomputing(xz, h0, c0, recurrent_kernel):
-    def grad(d_hs, d_cs):
-        hs, cs, gates = _forward_keeping_gates(xz, h0, c0, recurrent_kernel)
-        return _gradient(d_hs, d_cs, hs, cs, gates, h0, c0, recurrent_kernel)
+def _recurrence_recomputing(xz, lengths, h0, c0, recurrent_kernel):
+    def grad(d_hs, d_h, d_c):
+        hs, _, _, cs, gates = _forward_keeping_gates(xz, lengths, h0, c0, recurrent_kernel)
+        return _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel)
 
-    return _forward(*_unwatched(xz, h0, c0, recurrent_kernel)), grad
+    return _forward(*_unwatched(xz, lengths, h0, c0, recurrent_kernel)), grad
 
 
-def _gradient(d_hs, d_cs, hs, cs, gates, h0, c0, recurrent_kernel) -> tuple:
-    """Gradients `(dxz, dh0, dc0, d_recurrent_kernel)` of `recurrence`."""
-    dz, dh0, dc0 = _backward(d_hs, d_cs, cs, gates, c0, recurrent_kernel)
+def _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel) -> tuple:
+    """Gradients `(dxz, None, dh0, dc0, d_recurrent_kernel)` of `recurrence`."""
+    dz, dh0, dc0 = _backward(d_hs, d_h, d_c, lengths, cs, gates, c0, recurrent_kernel)
     # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
     # MatMul measured faster for it).
     m = h0.shape[-1]
     h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
     d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
-    return dz, dh0, dc0, d_kernel
+    return dz, None, dh0, dc0, d_kernel
 
 
 def _unwatched(*tensors: tf.Tensor) -> list[tf.Tensor]:
@@ -124,34 +127,37 @@ def _loop(steps: tf.Tensor, body: Any, state: list, outputs: list[tuple[tf.Tenso
 
 
 @tf.function(jit_compile=True)
-def _forward(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-             recurrent_kernel: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """`(H, C)`, keeping nothing else."""
-    def body(t, h, c):
+def _forward(xz: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+             recurrent_kernel: tf.Tensor) -> tuple:
+    """`(H, h, C)` as `recurrence` returns them, keeping nothing else."""
+    def body(t, h, c, h_last, c_last):
         h, c, _ = _step(xz[t], h, c, recurrent_kernel)
-        return (h, c), (h, c)
+        real = (t < lengths)[:, None]
+        return (h, c, tf.where(real, h, h_last), tf.where(real, c, c_last)), (h,)
 
-    m = h0.shape[-1]
-    _, (hs, cs) = _loop(tf.shape(xz)[0], body, [h0, c0], [(h0, m), (c0, m)])
-    return hs, cs
+    (_, _, h, c), (hs,) = _loop(tf.shape(xz)[0], body, [h0, c0, h0, c0], [(h0, h0.shape[-1])])
+    return hs, h, c
 
 
 @tf.function(jit_compile=True)
-def _forward_keeping_gates(xz: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+def _forward_keeping_gates(xz: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
                            recurrent_kernel: tf.Tensor) -> tuple:
-    """`(H, C, G)`: G `[T, B, 4M]` the gate activations i, f, C̃, o of every step."""
-    def body(t, h, c):
+    """`(H, h, C, Cs, G)`: also every C_t, and G `[T, B, 4M]` the gates i, f, C̃, o."""
+    def body(t, h, c, h_last, c_last):
         h, c, gates = _step(xz[t], h, c, recurrent_kernel)
-        return (h, c), (h, c, gates)
+        real = (t < lengths)[:, None]
+        return (h, c, tf.where(real, h, h_last), tf.where(real, c, c_last)), (h, c, gates)
 
     m = h0.shape[-1]
-    _, outputs = _loop(tf.shape(xz)[0], body, [h0, c0], [(h0, m), (c0, m), (h0, 4 * m)])
-    return tuple(outputs)
+    (_, _, h, c), (hs, cs, gates) = _loop(tf.shape(xz)[0], body, [h0, c0, h0, c0],
+                                          [(h0, m), (c0, m), (h0, 4 * m)])
+    return hs, h, c, cs, gates
 
 
 @tf.function(jit_compile=True)
-def _backward(d_hs: tf.Tensor, d_cs: tf.Tensor, cs: tf.Tensor, gates: tf.Tensor,
-              c0: tf.Tensor, recurrent_kernel: tf.Tensor) -> tuple:
+def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, lengths: tf.Tensor,
+              cs: tf.Tensor, gates: tf.Tensor, c0: tf.Tensor,
+              recurrent_kernel: tf.Tensor) -> tuple:
     """`(dz, dh0, dc0)`; dz `[T, B, 4M]`: the gradient of z_t = x_t·W + h_{t-1}·U + b."""
     m = c0.shape[-1]
     kernel_t = tf.transpose(recurrent_kernel)
@@ -160,8 +166,9 @@ def _backward(d_hs: tf.Tensor, d_cs: tf.Tensor, cs: tf.Tensor, gates: tf.Tensor,
         i, f, candidate, o = (gates[t][:, j * m:(j + 1) * m] for j in range(4))
         c_prev = tf.where(t > 0, cs[tf.maximum(t - 1, 0)], c0)
         tanh_c = tf.tanh(cs[t])
-        dh = d_hs[t] + dh_next
-        dc = d_cs[t] + dc_next + dh * o * (1 - tanh_c * tanh_c)
+        last = (t == lengths - 1)[:, None]  # where the final state was taken
+        dh = d_hs[t] + dh_next + tf.where(last, d_h, 0)
+        dc = dc_next + tf.where(last, d_c, 0) + dh * o * (1 - tanh_c * tanh_c)
         dz = tf.concat([dc * candidate * i * (1 - i),  # through i_t
                         dc * c_prev * f * (1 - f),  # through f_t
                         dc * i * (1 - candidate * candidate),  # through C̃_t
@@ -170,7 +177,8 @@ def _backward(d_hs: tf.Tensor, d_cs: tf.Tensor, cs: tf.Tensor, gates: tf.Tensor,
 
     (dh0, dc0), (dz,) = _loop(tf.shape(cs)[0], body, [tf.zeros_like(c0), tf.zeros_like(c0)],
                               [(c0, 4 * m)], reverse=True)
-    return dz, dh0, dc0
+    empty = (lengths == 0)[:, None]  # the final state is the initial one
+    return dz, dh0 + tf.where(empty, d_h, 0), dc0 + tf.where(empty, d_c, 0)
 
 
 def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backwards: bool,
@@ -194,12 +202,12 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
     h0, c0 = (tf.convert_to_tensor(s) for s in initial_state)
     if go_backwards:
         x = tf.reverse(x, [1]) if lengths is None else tf.reverse_sequence(x, lengths, 1, 0)
+    steps = x.shape[1] or tf.shape(x)[1]
     maybe_empty = not x.shape[1]
     if maybe_empty:
         # Possibly zero steps (tf.distribute feeds `(0, 0, features)` batches to
         # replicas without data in a step), which XLA cannot compile: run one
-        # padding step then, and drop it.
-        steps = tf.shape(x)[1]
+        # padding step then (all lengths are 0), and drop its output.
         x = tf.pad(x, [[0, 0], [0, tf.cast(steps == 0, tf.int32)], [0, 0]])
     # x_t·W + b for all steps, time-major, as one 2-D matmul (its gradients
     # too; `einsum` measured 1.2-2.7x slower here).
@@ -209,16 +217,15 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
                     tf.concat([tf.shape(x)[:2], kernel.shape[-1:]], 0))
     if bias is not None:
         xz = xz + tf.convert_to_tensor(bias)
-    hs, cs = recurrence(xz, h0, c0, tf.convert_to_tensor(recurrent_kernel), training)
+    hs, h_last, c_last = recurrence(
+        xz, tf.fill(tf.shape(h0)[:1], steps) if lengths is None else tf.cast(lengths, tf.int32),
+        h0, c0, tf.convert_to_tensor(recurrent_kernel), training)
     if maybe_empty:
-        hs, cs = hs[:steps], cs[:steps]
+        hs = hs[:steps]
     h_seq = tf.transpose(hs, [1, 0, 2])  # [B, T, U]
     if lengths is None:
-        h_last, c_last = tf.cond(tf.shape(hs)[0] > 0, lambda: (hs[-1], cs[-1]),
-                                 lambda: (h0, c0))  # zero steps: the initial state
         outputs = h_seq
     else:
-        h_last, c_last = _at_lengths(hs, h0, lengths), _at_lengths(cs, c0, lengths)
         valid = tf.sequence_mask(lengths, tf.shape(h_seq)[1])[:, :, None]
         if go_backwards:
             # Read order: the padding first (output 0), then the real steps reversed.
@@ -232,13 +239,6 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
             outputs = tf.where(valid, h_seq, held)
     last_output = tf.cond(tf.shape(outputs)[1] > 0, lambda: outputs[:, -1], lambda: h_last)
     return last_output, outputs, [h_last, c_last]
-
-
-def _at_lengths(states: tf.Tensor, initial: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
-    """`states` `[T, B, U]`, after step `lengths[b]` for each b (`initial` if 0)."""
-    with_initial = tf.concat([initial[None], states], 0)
-    index = tf.stack([tf.cast(lengths, tf.int32), tf.range(tf.shape(states)[1])], 1)
-    return tf.gather_nd(with_initial, index)
 
 
 def right_padded_lengths(mask: tf.Tensor) -> tf.Tensor:
