@@ -30,15 +30,16 @@ from typing import Any
 import tensorflow as tf
 
 
-def recurrence(xz: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-               recurrent_kernel: tf.Tensor, training: bool = True) -> tuple:
+def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+               recurrent_kernel: tf.Tensor, bias: tf.Tensor, training: bool = True) -> tuple:
     """All hidden states of one LSTM of M units, and its final state; differentiable.
 
     Args:
-        xz: `[T, B, 4M]`, x_t·W + b for every step (gate order i, f, c, o).
+        xw: `[T, B, 4M]`, x_t·W for every step (gate order i, f, c, o).
         lengths: `[B]` int32, the number of real steps of each sequence.
         h0, c0: `[B, M]` initial states.
         recurrent_kernel: `[M, 4M]`.
+        bias: `[4M]` (added inside the loop, where it costs nothing).
         training: keep the gate activations for the gradient; else keep
             nothing and recompute them if a gradient is asked for.
 
@@ -47,7 +48,7 @@ def recurrence(xz: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
         after each sequence's last real step (the initial state for length 0).
     """
     return (_recurrence_keeping_gates if training else _recurrence_recomputing)(
-        xz, lengths, h0, c0, recurrent_kernel)
+        xw, lengths, h0, c0, recurrent_kernel, bias)
 
 
 # (The compiled functions are called on `tf.stop_gradient`-ed inputs: a
@@ -55,9 +56,9 @@ def recurrence(xz: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
 # which it cannot do through XLA's while loops; `tf.custom_gradient` supplies
 # the gradient instead.)
 @tf.custom_gradient
-def _recurrence_keeping_gates(xz, lengths, h0, c0, recurrent_kernel):
+def _recurrence_keeping_gates(xw, lengths, h0, c0, recurrent_kernel, bias):
     hs, h, c, cs, gates = _forward_keeping_gates(
-        *_unwatched(xz, lengths, h0, c0, recurrent_kernel))
+        *_unwatched(xw, lengths, h0, c0, recurrent_kernel, bias))
 
     def grad(d_hs, d_h, d_c):
         return _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel)
@@ -66,33 +67,34 @@ def _recurrence_keeping_gates(xz, lengths, h0, c0, recurrent_kernel):
 
 
 @tf.custom_gradient
-def _recurrence_recomputing(xz, lengths, h0, c0, recurrent_kernel):
+def _recurrence_recomputing(xw, lengths, h0, c0, recurrent_kernel, bias):
     def grad(d_hs, d_h, d_c):
-        hs, _, _, cs, gates = _forward_keeping_gates(xz, lengths, h0, c0, recurrent_kernel)
+        hs, _, _, cs, gates = _forward_keeping_gates(xw, lengths, h0, c0, recurrent_kernel, bias)
         return _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel)
 
-    return _forward(*_unwatched(xz, lengths, h0, c0, recurrent_kernel)), grad
+    return _forward(*_unwatched(xw, lengths, h0, c0, recurrent_kernel, bias)), grad
 
 
 def _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel) -> tuple:
-    """Gradients `(dxz, None, dh0, dc0, d_recurrent_kernel)` of `recurrence`."""
-    dz, dh0, dc0 = _backward(d_hs, d_h, d_c, lengths, cs, gates, c0, recurrent_kernel)
+    """Gradients `(dxw, None, dh0, dc0, d_recurrent_kernel, d_bias)` of `recurrence`."""
+    dz, dh0, dc0, d_bias = _backward(d_hs, d_h, d_c, lengths, cs, gates, c0, recurrent_kernel)
     # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
     # MatMul measured faster for it).
     m = h0.shape[-1]
     h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
     d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
-    return dz, None, dh0, dc0, d_kernel
+    return dz, None, dh0, dc0, d_kernel, d_bias
 
 
 def _unwatched(*tensors: tf.Tensor) -> list[tf.Tensor]:
     return [tf.stop_gradient(t) for t in tensors]
 
 
-def _step(x_z: tf.Tensor, h: tf.Tensor, c: tf.Tensor, recurrent_kernel: tf.Tensor) -> tuple:
-    """One `LSTMCell` step from the precomputed x_t·W + b: (h_t, C_t, [i, f, C̃, o])."""
+def _step(x_w: tf.Tensor, h: tf.Tensor, c: tf.Tensor, recurrent_kernel: tf.Tensor,
+          bias: tf.Tensor) -> tuple:
+    """One `LSTMCell` step from the precomputed x_t·W: (h_t, C_t, [i, f, C̃, o])."""
     m = h.shape[-1]
-    z = x_z + tf.matmul(h, recurrent_kernel)
+    z = x_w + tf.matmul(h, recurrent_kernel) + bias
     # One sigmoid over all four gates (one fused pass): tanh(z) = 2σ(2z) - 1
     # for the candidate C̃. (Separate sigmoid/tanh calls on the slices of z
     # measured 1.5x slower for the whole forward pass.)
@@ -127,29 +129,29 @@ def _loop(steps: tf.Tensor, body: Any, state: list, outputs: list[tuple[tf.Tenso
 
 
 @tf.function(jit_compile=True)
-def _forward(xz: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-             recurrent_kernel: tf.Tensor) -> tuple:
+def _forward(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+             recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
     """`(H, h, C)` as `recurrence` returns them, keeping nothing else."""
     def body(t, h, c, h_last, c_last):
-        h, c, _ = _step(xz[t], h, c, recurrent_kernel)
+        h, c, _ = _step(xw[t], h, c, recurrent_kernel, bias)
         real = (t < lengths)[:, None]
         return (h, c, tf.where(real, h, h_last), tf.where(real, c, c_last)), (h,)
 
-    (_, _, h, c), (hs,) = _loop(tf.shape(xz)[0], body, [h0, c0, h0, c0], [(h0, h0.shape[-1])])
+    (_, _, h, c), (hs,) = _loop(tf.shape(xw)[0], body, [h0, c0, h0, c0], [(h0, h0.shape[-1])])
     return hs, h, c
 
 
 @tf.function(jit_compile=True)
-def _forward_keeping_gates(xz: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-                           recurrent_kernel: tf.Tensor) -> tuple:
+def _forward_keeping_gates(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+                           recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
     """`(H, h, C, Cs, G)`: also every C_t, and G `[T, B, 4M]` the gates i, f, C̃, o."""
     def body(t, h, c, h_last, c_last):
-        h, c, gates = _step(xz[t], h, c, recurrent_kernel)
+        h, c, gates = _step(xw[t], h, c, recurrent_kernel, bias)
         real = (t < lengths)[:, None]
         return (h, c, tf.where(real, h, h_last), tf.where(real, c, c_last)), (h, c, gates)
 
     m = h0.shape[-1]
-    (_, _, h, c), (hs, cs, gates) = _loop(tf.shape(xz)[0], body, [h0, c0, h0, c0],
+    (_, _, h, c), (hs, cs, gates) = _loop(tf.shape(xw)[0], body, [h0, c0, h0, c0],
                                           [(h0, m), (c0, m), (h0, 4 * m)])
     return hs, h, c, cs, gates
 
@@ -158,11 +160,11 @@ def _forward_keeping_gates(xz: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0:
 def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, lengths: tf.Tensor,
               cs: tf.Tensor, gates: tf.Tensor, c0: tf.Tensor,
               recurrent_kernel: tf.Tensor) -> tuple:
-    """`(dz, dh0, dc0)`; dz `[T, B, 4M]`: the gradient of z_t = x_t·W + h_{t-1}·U + b."""
+    """`(dz, dh0, dc0, d_bias)`; dz `[T, B, 4M]`: the gradient of z_t = x_t·W + h_{t-1}·U + b."""
     m = c0.shape[-1]
     kernel_t = tf.transpose(recurrent_kernel)
 
-    def body(t, dh_next, dc_next):
+    def body(t, dh_next, dc_next, d_bias):
         i, f, candidate, o = (gates[t][:, j * m:(j + 1) * m] for j in range(4))
         c_prev = tf.where(t > 0, cs[tf.maximum(t - 1, 0)], c0)
         tanh_c = tf.tanh(cs[t])
@@ -173,12 +175,13 @@ def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, lengths: tf.Tenso
                         dc * c_prev * f * (1 - f),  # through f_t
                         dc * i * (1 - candidate * candidate),  # through C̃_t
                         dh * tanh_c * o * (1 - o)], 1)  # through o_t
-        return (tf.matmul(dz, kernel_t), dc * f), (dz,)
+        return (tf.matmul(dz, kernel_t), dc * f, d_bias + tf.reduce_sum(dz, 0)), (dz,)
 
-    (dh0, dc0), (dz,) = _loop(tf.shape(cs)[0], body, [tf.zeros_like(c0), tf.zeros_like(c0)],
-                              [(c0, 4 * m)], reverse=True)
+    (dh0, dc0, d_bias), (dz,) = _loop(
+        tf.shape(cs)[0], body, [tf.zeros_like(c0), tf.zeros_like(c0), tf.zeros([4 * m], c0.dtype)],
+        [(c0, 4 * m)], reverse=True)
     empty = (lengths == 0)[:, None]  # the final state is the initial one
-    return dz, dh0 + tf.where(empty, d_h, 0), dc0 + tf.where(empty, d_c, 0)
+    return dz, dh0 + tf.where(empty, d_h, 0), dc0 + tf.where(empty, d_c, 0), d_bias
 
 
 def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backwards: bool,
@@ -209,17 +212,16 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
         # replicas without data in a step), which XLA cannot compile: run one
         # padding step then (all lengths are 0), and drop its output.
         x = tf.pad(x, [[0, 0], [0, tf.cast(steps == 0, tf.int32)], [0, 0]])
-    # x_t·W + b for all steps, time-major, as one 2-D matmul (its gradients
-    # too; `einsum` measured 1.2-2.7x slower here).
+    # x_t·W for all steps, time-major, as one 2-D matmul (its gradients too;
+    # `einsum` measured 1.2-2.7x slower here).
     kernel = tf.convert_to_tensor(kernel)
     x = tf.transpose(x, [1, 0, 2])
-    xz = tf.reshape(tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel),
+    xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel),
                     tf.concat([tf.shape(x)[:2], kernel.shape[-1:]], 0))
-    if bias is not None:
-        xz = xz + tf.convert_to_tensor(bias)
+    bias = tf.zeros(kernel.shape[-1:], kernel.dtype) if bias is None else tf.convert_to_tensor(bias)
     hs, h_last, c_last = recurrence(
-        xz, tf.fill(tf.shape(h0)[:1], steps) if lengths is None else tf.cast(lengths, tf.int32),
-        h0, c0, tf.convert_to_tensor(recurrent_kernel), training)
+        xw, tf.fill(tf.shape(h0)[:1], steps) if lengths is None else tf.cast(lengths, tf.int32),
+        h0, c0, tf.convert_to_tensor(recurrent_kernel), bias, training)
     if maybe_empty:
         hs = hs[:steps]
     h_seq = tf.transpose(hs, [1, 0, 2])  # [B, T, U]
