@@ -29,6 +29,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+tf.get_logger().setLevel("ERROR")  # each contender and shape is traced anew, by design
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lstm_tf  # noqa: E402
 
@@ -124,7 +126,7 @@ def sweep(shapes: list[tuple[int, int]], rounds: int) -> None:
         # each call and slowed down whichever TF contender ran next (0.75x instead of 0.96x).
         for group in ([n for n in names if not n.startswith("torch")],
                       [n for n in names if n.startswith("torch")]):
-            for r in range(rounds):
+            for r in range(rounds if group else 0):
                 for name in group[r % len(group):] + group[:r % len(group)]:  # rotate the first
                     train, infer = fns[name]
                     for kind, fn in (("train", train), ("infer", infer)):

@@ -25,6 +25,7 @@ What it does to be fast on a CPU (the speed it reaches against `keras.layers.LST
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import tensorflow as tf
@@ -57,7 +58,7 @@ def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
 # the gradient instead.)
 @tf.custom_gradient
 def _recurrence_keeping_gates(xw, lengths, h0, c0, recurrent_kernel, bias):
-    hs, h, c, cs, gates = _forward_keeping_gates(
+    hs, h, c, cs, gates = _compiled(h0.shape[-1]).forward_keeping_gates(
         *_unwatched(xw, lengths, h0, c0, recurrent_kernel, bias))
 
     def grad(d_hs, d_h, d_c):
@@ -69,21 +70,43 @@ def _recurrence_keeping_gates(xw, lengths, h0, c0, recurrent_kernel, bias):
 @tf.custom_gradient
 def _recurrence_recomputing(xw, lengths, h0, c0, recurrent_kernel, bias):
     def grad(d_hs, d_h, d_c):
-        hs, _, _, cs, gates = _forward_keeping_gates(xw, lengths, h0, c0, recurrent_kernel, bias)
+        hs, _, _, cs, gates = _compiled(h0.shape[-1]).forward_keeping_gates(
+            xw, lengths, h0, c0, recurrent_kernel, bias)
         return _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel)
 
-    return _forward(*_unwatched(xw, lengths, h0, c0, recurrent_kernel, bias)), grad
+    return _compiled(h0.shape[-1]).forward(
+        *_unwatched(xw, lengths, h0, c0, recurrent_kernel, bias)), grad
 
 
 def _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel) -> tuple:
     """Gradients `(dxw, None, dh0, dc0, d_recurrent_kernel, d_bias)` of `recurrence`."""
-    dz, dh0, dc0, d_bias = _backward(d_hs, d_h, d_c, lengths, cs, gates, c0, recurrent_kernel)
+    dz, dh0, dc0, d_bias = _compiled(h0.shape[-1]).backward(
+        d_hs, d_h, d_c, lengths, cs, gates, c0, recurrent_kernel)
     # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
     # MatMul measured faster for it).
     m = h0.shape[-1]
     h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
     d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
     return dz, None, dh0, dc0, d_kernel, d_bias
+
+
+class _Compiled:
+    """The loops compiled by XLA, for one number of units.
+
+    (One set per layer size, so that each is traced once per batch/sequence
+    shape rather than once per layer size and shape.)
+    """
+
+    def __init__(self) -> None:
+        jit = functools.partial(tf.function, jit_compile=True, reduce_retracing=True)
+        self.forward = jit(_forward)
+        self.forward_keeping_gates = jit(_forward_keeping_gates)
+        self.backward = jit(_backward)
+
+
+@functools.cache
+def _compiled(units: int) -> _Compiled:
+    return _Compiled()
 
 
 def _unwatched(*tensors: tf.Tensor) -> list[tf.Tensor]:
@@ -128,7 +151,6 @@ def _loop(steps: tf.Tensor, body: Any, state: list, outputs: list[tuple[tf.Tenso
     return carried[:len(state)], [a.stack() for a in carried[len(state):]]
 
 
-@tf.function(jit_compile=True)
 def _forward(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
              recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
     """`(H, h, C)` as `recurrence` returns them, keeping nothing else."""
@@ -141,7 +163,6 @@ def _forward(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
     return hs, h, c
 
 
-@tf.function(jit_compile=True)
 def _forward_keeping_gates(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
                            recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
     """`(H, h, C, Cs, G)`: also every C_t, and G `[T, B, 4M]` the gates i, f, C̃, o."""
@@ -156,7 +177,6 @@ def _forward_keeping_gates(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0:
     return hs, h, c, cs, gates
 
 
-@tf.function(jit_compile=True)
 def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, lengths: tf.Tensor,
               cs: tf.Tensor, gates: tf.Tensor, c0: tf.Tensor,
               recurrent_kernel: tf.Tensor) -> tuple:
