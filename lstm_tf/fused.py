@@ -3,8 +3,8 @@
 What it does to be fast on a CPU (the speed it reaches against `keras.layers.LSTM` and
 `torch.nn.LSTM` is in the README; `benchmarks/lstm_throughput.py` measures it):
 
-* The input projection x_t·W + b of every step is one large matmul before the
-  loop (time-major, 2-D); only h_{t-1}·U stays inside it.
+* The input projection x_t·W of every step is one large matmul before the
+  loop (time-major, 2-D); only h_{t-1}·U (and the bias) stays inside it.
 * The loops are compiled by XLA (`tf.function(jit_compile=True)`), which
   fuses each step's element-wise work into a few passes instead of a dozen
   TensorFlow ops, each with its own dispatch (the per-step op overhead is what
@@ -17,7 +17,7 @@ What it does to be fast on a CPU (the speed it reaches against `keras.layers.LST
   For inference nothing is kept (and a gradient, if one is asked for anyway,
   recomputes the forward pass).
 * Masks become per-sequence lengths: the loop runs unmasked and the final
-  state is gathered at each sequence's last real step; the backward direction
+  state is taken at each sequence's last real step; the backward direction
   reads each sequence reversed up to its length (`tf.reverse_sequence`).
 * A `Bidirectional`'s two directions are two independent loops in one graph,
   which TensorFlow runs concurrently.
