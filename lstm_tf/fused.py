@@ -104,8 +104,8 @@ class _Compiled:
 
     def __init__(self) -> None:
         jit = functools.partial(tf.function, jit_compile=True, reduce_retracing=True)
-        self.forward = jit(_forward)
-        self.forward_keeping_gates = jit(_forward_keeping_gates)
+        self.forward = jit(functools.partial(_forward, keep_gates=False))
+        self.forward_keeping_gates = jit(functools.partial(_forward, keep_gates=True))
         self.backward = jit(_backward)
 
 
@@ -157,29 +157,22 @@ def _loop(steps: tf.Tensor, body: Any, state: list, outputs: list[tuple[tf.Tenso
 
 
 def _forward(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-             recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
-    """`(H, h, C)` as `recurrence` returns them, keeping nothing else."""
-    def body(t, h, c, h_last, c_last):
-        h, c, _ = _step(xw[t], h, c, recurrent_kernel, bias)
-        real = (t < lengths)[:, None]
-        return (h, c, tf.where(real, h, h_last), tf.where(real, c, c_last)), (h,)
+             recurrent_kernel: tf.Tensor, bias: tf.Tensor, keep_gates: bool) -> tuple:
+    """`(H, h, C)` as `recurrence` returns them; with `keep_gates`, `(H, h, C, Cs, G)`.
 
-    (_, _, h, c), (hs,) = _loop(tf.shape(xw)[0], body, [h0, c0, h0, c0], [(h0, h0.shape[-1])])
-    return hs, h, c
-
-
-def _forward_keeping_gates(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-                           recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
-    """`(H, h, C, Cs, G)`: also every C_t, and G `[T, B, 4M]` the gates i, f, C̃, o."""
+    Cs `[T, B, M]` every C_t, and G `[T, B, 4M]` the gates i, f, C̃, o of every
+    step: what the backward pass needs.
+    """
     def body(t, h, c, h_last, c_last):
         h, c, gates = _step(xw[t], h, c, recurrent_kernel, bias)
         real = (t < lengths)[:, None]
-        return (h, c, tf.where(real, h, h_last), tf.where(real, c, c_last)), (h, c, gates)
+        kept = (h, c, gates) if keep_gates else (h,)
+        return (h, c, tf.where(real, h, h_last), tf.where(real, c, c_last)), kept
 
     m = h0.shape[-1]
-    (_, _, h, c), (hs, cs, gates) = _loop(tf.shape(xw)[0], body, [h0, c0, h0, c0],
-                                          [(h0, m), (c0, m), (h0, 4 * m)])
-    return hs, h, c, cs, gates
+    widths = [(h0, m), (c0, m), (h0, 4 * m)] if keep_gates else [(h0, m)]
+    (_, _, h, c), kept = _loop(tf.shape(xw)[0], body, [h0, c0, h0, c0], widths)
+    return (kept[0], h, c, *kept[1:])
 
 
 def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, lengths: tf.Tensor,
@@ -264,7 +257,8 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
             if not zero_output_for_mask:
                 held = tf.where(lengths[:, None, None] > 0, h_last[:, None], held)
             outputs = tf.where(valid, h_seq, held)
-    last_output = tf.cond(tf.shape(outputs)[1] > 0, lambda: outputs[:, -1], lambda: h_last)
+    last_output = outputs[:, -1] if not maybe_empty else tf.cond(
+        tf.shape(outputs)[1] > 0, lambda: outputs[:, -1], lambda: h_last)
     return last_output, outputs, [h_last, c_last]
 
 
