@@ -163,12 +163,28 @@ def memory_child(name: str, steps: int, units: int) -> None:
     print(tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20)
 
 
+def _shape(text: str) -> tuple[int, int]:
+    """`--shape T,units`, two positive integers."""
+    try:
+        steps, units = (_positive(v) for v in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not T,units (two positive integers)") from None
+    return steps, units
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only T=100, units=256")
-    parser.add_argument("--shape", action="append", default=[],
+    parser.add_argument("--shape", action="append", default=[], type=_shape,
                         help="T,units to run instead of the sweep (repeatable)")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=_positive, default=7)
     parser.add_argument("--no_torch", action="store_true", help="leave torch out")
     parser.add_argument("--no_memory", action="store_true")
     parser.add_argument("--memory_child", help=argparse.SUPPRESS)
@@ -181,7 +197,7 @@ def main() -> None:
     if args.memory_child:
         return memory_child(args.memory_child, args.steps, args.units)
     if args.shape:
-        shapes = [tuple(int(v) for v in shape.split(",")) for shape in args.shape]
+        shapes = args.shape
     elif args.quick:
         shapes = [(100, 256)]
     else:
