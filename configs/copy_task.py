@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_size = 1000
     config.eval_seed = 1234
     config.diagnostic_examples = 32
+    config.log_every_steps = 50  # TensorBoard step scalars (0: off)
     config.seed = 0
 
     if variant == "chrono500":

@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sample_prompt = "ROMEO:"
     config.sample_tokens = 300  # per epoch, to TensorBoard (0: none)
     config.sample_temperature = 0.8
+    config.log_every_steps = 100  # TensorBoard step scalars (0: off)
     config.seed = 0
 
     if variant.startswith("ptb"):

@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Under a multi-replica strategy, replicas then get equal shares of every batch, and
     # training matches one device up to rounding (replicas average their mean losses).
     config.drop_remainder = False
+    config.log_every_steps = 50  # TensorBoard step scalars (0: off)
     config.seed = 0
 
     if arg == "smoke":

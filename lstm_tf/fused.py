@@ -221,6 +221,7 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
         them (outputs in the order the steps were read).
     """
     h0, c0 = (tf.convert_to_tensor(s) for s in initial_state)
+    shape = x.shape[:2].concatenate(recurrent_kernel.shape[:1])  # [B, T, U], as far as known
     if go_backwards:
         x = tf.reverse(x, [1]) if lengths is None else tf.reverse_sequence(x, lengths, 1, 0)
     steps = x.shape[1] or tf.shape(x)[1]
@@ -242,7 +243,31 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
         h0, c0, tf.convert_to_tensor(recurrent_kernel), bias, training)
     if maybe_empty:
         hs = hs[:steps]
-    h_seq = tf.transpose(hs, [1, 0, 2])  # [B, T, U]
+    # (The compiled loops are traced for any shape: the static shapes are the call's.)
+    h_seq = with_shape(tf.transpose(hs, [1, 0, 2]), shape)
+    h_last, c_last = (with_shape(t, shape[::2]) for t in (h_last, c_last))
+    last_output, outputs = keras_outputs(h_seq, h_last, lengths, go_backwards,
+                                         zero_output_for_mask)
+    return last_output, outputs, [h_last, c_last]
+
+
+def with_shape(tensor: tf.Tensor, shape: tf.TensorShape) -> tf.Tensor:
+    """`tensor` with its static shape refined to `shape` (no op in the graph)."""
+    tensor.set_shape(shape)
+    return tensor
+
+
+def keras_outputs(h_seq: tf.Tensor, h_last: tf.Tensor, lengths: tf.Tensor | None,
+                  go_backwards: bool, zero_output_for_mask: bool) -> tuple:
+    """`(last_output, outputs)` as `keras.layers.RNN` gives them, from an unmasked run.
+
+    Args:
+        h_seq: `[B, T, U]` h after every step of the sequences as read (reversed
+            up to each length if `go_backwards`), real steps first.
+        h_last: `[B, U]` the state after each sequence's last real step.
+        lengths: `[B]` real lengths of right-padded sequences, or None.
+        go_backwards, zero_output_for_mask: the layer's.
+    """
     if lengths is None:
         outputs = h_seq
     else:
@@ -257,17 +282,15 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
             if not zero_output_for_mask:
                 held = tf.where(lengths[:, None, None] > 0, h_last[:, None], held)
             outputs = tf.where(valid, h_seq, held)
-    last_output = outputs[:, -1] if not maybe_empty else tf.cond(
-        tf.shape(outputs)[1] > 0, lambda: outputs[:, -1], lambda: h_last)
-    return last_output, outputs, [h_last, c_last]
+    if outputs.shape[1]:
+        return outputs[:, -1], outputs
+    # Possibly no steps: then the last output is the (initial) state.
+    return tf.concat([h_last[:, None], outputs], 1)[:, -1], outputs
 
 
-def right_padded_lengths(mask: tf.Tensor) -> tf.Tensor:
-    """`[B]` lengths of a `[B, T]` mask, asserting it is right-padded."""
+def right_padded_lengths(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`[B]` lengths of a `[B, T]` mask, and whether it is right-padded (a bool scalar)."""
     mask = tf.cast(mask, tf.bool)
     lengths = tf.reduce_sum(tf.cast(mask, tf.int32), 1)
     right_padded = tf.reduce_all(tf.equal(mask, tf.sequence_mask(lengths, tf.shape(mask)[1])))
-    with tf.control_dependencies([tf.debugging.Assert(right_padded, [
-            "lstm_tf: the fused LSTM path needs right-padded masks "
-            "(True then False); pass fused=False for other masks"])]):
-        return tf.identity(lengths)
+    return lengths, right_padded

@@ -8,6 +8,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from lstm_tf import conversion
 from lstm_tf import fused as fused_lib
 from lstm_tf.cell import LSTMCell
 
@@ -106,32 +107,74 @@ class LSTM(keras.layers.RNN):
     def units(self) -> int:
         return self.cell.units
 
-    def can_fuse(self) -> bool:
-        """Whether this configuration allows the fused path."""
+    def can_fuse(self, training: bool = True) -> bool:
+        """Whether this configuration allows the fused path (for training calls, or not)."""
         cell = self.cell
         return (
             self.fused is not False
             and cell.activation is keras.activations.tanh
             and cell.recurrent_activation is keras.activations.sigmoid
-            and cell.recurrent_dropout == 0
+            and (cell.recurrent_dropout == 0 or not training)
             and not self.unroll
         )
 
-    def uses_fused_path(self) -> bool:
-        """Whether calls run on the fused path."""
-        if self.fused is True:
-            return True
-        return self.can_fuse() and self.units >= FUSED_MIN_UNITS
+    def uses_fused_path(self, training: bool = True) -> bool:
+        """Whether calls run on the fused path (`training`: training calls, else inference).
+
+        (Masks that are not right-padded always run on the step loop.)
+        """
+        if not self.can_fuse(training):
+            return False
+        return self.fused is True or not training or self.units >= FUSED_MIN_UNITS
 
     def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool = False) -> tuple:
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        if not training and conversion.in_onnx_graph():
+            reasons = conversion.unfusable_attributes(self, None)
+            if not reasons:
+                return conversion.run_onnx(self, sequences, list(initial_state), mask)
+            conversion.warn_unfusable(self, reasons, "ONNX's LSTM op")
+        if not training and tf.inside_function():
+            # Inference in a graph (an export, a converter, `predict`): unmasked calls
+            # go through the function TFLite's converter turns into its fused op.
+            reasons = conversion.unfusable_attributes(self, mask)
+            if not reasons:
+                return conversion.run(self, sequences, list(initial_state),
+                                      final_cell_state=self.return_state or self.stateful)
+            if sequences.shape[0] is not None:  # a fixed batch size: built for a device?
+                conversion.warn_unfusable(self, reasons)
+        if not self.uses_fused_path(training):
+            return self._step_loop(sequences, initial_state, mask, training)
+        if mask is None:
+            return self._fused(sequences, initial_state, None, training)
+        # Masks become lengths on the fused path, which needs them right-padded (real
+        # steps first). At inference, other masks run on the step loop (a `tf.cond`);
+        # in training (a gradient cannot pass the fused path inside a `tf.cond`) they
+        # are an error, and under XLA, which drops assertions, NaN outputs.
+        lengths, right_padded = fused_lib.right_padded_lengths(mask)
+        if not training:
+            return tf.cond(right_padded,
+                           lambda: self._fused(sequences, initial_state, lengths, training),
+                           lambda: self._step_loop(sequences, initial_state, mask, training))
+        with tf.control_dependencies([tf.debugging.Assert(right_padded, [
+                "lstm_tf: the fused LSTM path needs right-padded masks in training "
+                "(True then False); pass fused=False for other masks"])]):
+            poison = tf.where(right_padded, 0.0, float("nan"))
+        sequences = sequences + tf.cast(poison, sequences.dtype)
+        return self._fused(sequences, initial_state, lengths, training)
+
+    def _step_loop(self, sequences: Any, initial_state: Any, mask: Any,
+                   training: bool) -> tuple:
+        """`LSTMCell` step by step (`keras.layers.RNN`'s loop)."""
         def run() -> tuple:
-            last_output, outputs, states = self._run_steps(
-                sequences, initial_state, mask, training)
+            last_output, outputs, states = super(LSTM, self).inner_loop(
+                sequences, initial_state, mask, training=training)
             return last_output, outputs, list(states)
 
-        if sequences.shape[1] or self.uses_fused_path():
-            return run()  # a known, positive number of steps; the fused path takes zero
+        if sequences.shape[1]:
+            return run()  # a known, positive number of steps
         # Zero steps: tf.distribute feeds `(0, 0, features)` batches to replicas
         # that have no data in a step (the last, partial batch): the state
         # stays the initial one, and there are no outputs.
@@ -140,19 +183,15 @@ class LSTM(keras.layers.RNN):
             [tf.shape(sequences)[0], 0, self.units], sequences.dtype), states)
         return tf.cond(tf.shape(sequences)[1] > 0, run, nothing)
 
-    def _run_steps(self, sequences: Any, initial_state: Any, mask: Any,
-                   training: bool) -> tuple:
-        if not self.uses_fused_path():
-            return super().inner_loop(sequences, initial_state, mask, training=training)
-        if isinstance(mask, (list, tuple)):
-            mask = mask[0]
+    def _fused(self, sequences: Any, initial_state: Any, lengths: Any,
+               training: bool) -> tuple:
+        """`lstm_tf.fused.run` with this layer's weights (and input dropout)."""
         cell = self.cell
         if training and cell.dropout > 0:  # the same mask at every step
             sequences = sequences * cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
         return fused_lib.run(
             sequences, cell.kernel, cell.recurrent_kernel,
-            cell.bias, self.go_backwards, list(initial_state),
-            None if mask is None else fused_lib.right_padded_lengths(mask),
+            cell.bias, self.go_backwards, list(initial_state), lengths,
             self.zero_output_for_mask, bool(training))
 
     def build(self, sequences_shape: tuple, initial_state_shape: Any = None) -> None:

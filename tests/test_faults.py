@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from recipe_testing import ROOT, assert_one_line_error, run_recipe, wait_until
 
-from lstm_tf import recipe
+from recipes.common import checkpoints, exports
 
 # Dropout on: resuming must also restore the dropout layers' random state.
 SENTIMENT = ["--config=configs/sentiment.py:smoke", "--config.epochs=3", "--deterministic"]
@@ -58,7 +58,7 @@ def finished_copy_run(tmp_path):
 
 def _assert_export_1_serves(workdir: pathlib.Path) -> None:
     assert sorted(p.name for p in (workdir / "export").iterdir() if p.name[0] != ".") == ["1"]
-    assert recipe.latest_export(str(workdir / "export")).name == "1"
+    assert exports.latest_export(str(workdir / "export")).name == "1"
     loaded = tf.saved_model.load(str(workdir / "export" / "1"))
     predictions = loaded.signatures["serving_default"](inputs=tf.zeros([1, 30], tf.int32))
     assert predictions["predictions"].shape == (1, 30)
@@ -94,7 +94,7 @@ def _write_model(path: str) -> None:
 
 
 def test_interrupted_export_leaves_the_previous_version_servable(tmp_path):
-    first = recipe.export_saved_model(_write_model, tmp_path)
+    first = exports.export_saved_model(_write_model, tmp_path)
 
     def dies_halfway(path: str) -> None:
         _write_model(path)  # a complete SavedModel in the temporary directory ...
@@ -102,27 +102,34 @@ def test_interrupted_export_leaves_the_previous_version_servable(tmp_path):
         raise KeyboardInterrupt  # ... then the process is interrupted
 
     with pytest.raises(KeyboardInterrupt):
-        recipe.export_saved_model(dies_halfway, tmp_path)
+        exports.export_saved_model(dies_halfway, tmp_path)
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["1"]
-    assert recipe.latest_export(str(tmp_path / "export")) == first
+    assert exports.latest_export(str(tmp_path / "export")) == first
     loaded = tf.saved_model.load(str(first))
     assert loaded.serve(np.ones((1, 3), np.float32)).shape == (1, 2)
 
     # A kill -9 cannot clean up: its temporary directory is hidden, never served,
     # and removed by the next export.
-    shutil.copytree(first, tmp_path / "export" / ".tmp-2-12345")
-    assert recipe.latest_export(str(tmp_path / "export")) == first
-    assert recipe.export_saved_model(_write_model, tmp_path).name == "2"
+    shutil.copytree(first, tmp_path / "export" / f".tmp-2-{2**22 + 1}")  # no such process
+    assert exports.latest_export(str(tmp_path / "export")) == first
+    assert exports.export_saved_model(_write_model, tmp_path).name == "2"
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["1", "2"]
 
 
 def test_backup_interrupted_while_swapping_is_recovered(tmp_path):
-    """A kill between the two renames of a backup leaves only `state.old`: it is used."""
+    """A kill between the two renames of a backup leaves only `state.old`: it is used.
+
+    Every worker reads it; only the chief (`recover=True`) renames it back.
+    """
     (tmp_path / "state.old").mkdir()
     (tmp_path / "state.old" / "training_metadata.json").write_text('{"epoch": 3}')
-    assert recipe.completed_epochs(tmp_path) == 3
+    assert checkpoints.completed_epochs(tmp_path) == 3
+    assert checkpoints.restorable_state(tmp_path) == tmp_path / "state.old"
+    assert not (tmp_path / "state").exists()  # reading renames nothing
+    assert checkpoints.restorable_state(tmp_path, recover=True) == tmp_path / "state"
     assert (tmp_path / "state").exists() and not (tmp_path / "state.old").exists()
-    assert recipe.completed_epochs(tmp_path / "nothing") == 0
+    assert checkpoints.completed_epochs(tmp_path) == 3
+    assert checkpoints.completed_epochs(tmp_path / "nothing") == 0
 
 
 def test_full_disk_gives_one_line_error(tmp_path):

@@ -257,4 +257,4 @@ def test_bad_commands_give_one_line_error(tmp_path, args, message):
 
 @pytest.mark.parametrize("variant", lm_config.VARIANTS)
 def test_config_variants_pass_the_checks(variant):
-    train.recipe.check_config(lm_config.get_config(variant), train.CONFIG_RULES)
+    train.errors.check_config(lm_config.get_config(variant), train.CONFIG_RULES)

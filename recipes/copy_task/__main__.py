@@ -5,8 +5,10 @@ Train one model (default: LSTM at delay 100; variants chrono500, smoke):
 Sweep cells x delays, writing results.csv/.md/.png, accuracy.png, gradient_flow.png:
     python -m recipes.copy_task sweep --workdir=runs/copy_sweep --delays=10,50,100,200 \\
         --cells=lstm,rnn [--config.max_train_minutes=10 ...]
-Predict with an export (prints the copied symbols of one generated sequence):
-    see README: serving_default takes `inputs` int32 [batch, delay + 20].
+Deployment artifacts (TFLite, ONNX) of a finished LSTM run:
+    python -m recipes.copy_task export --workdir=runs/copy_lstm [--format=tflite,onnx]
+Predict held-out sequences with an export or a deployed model (symbols and their copies):
+    python -m recipes.copy_task predict --model=runs/copy_lstm/deploy/model.tflite
 """
 
 import os
@@ -14,31 +16,53 @@ import os
 from absl import flags
 
 import configs
-from lstm_tf import recipe
+from recipes.common import cli, deploy, errors, workdirs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write everything "
                                "(default: runs/copy_task/<timestamp>).")
 _DELAYS = flags.DEFINE_list("delays", "10,50,100,200", "For `sweep`: the delays T.")
 _CELLS = flags.DEFINE_list("cells", "lstm,rnn", "For `sweep`: lstm, rnn, gru, lstm_chrono.")
-_CONFIG = recipe.define_config(
+_MODEL = flags.DEFINE_string("model", None, "For `predict`: a SavedModel export "
+                             "(WORKDIR/export) or a deployed model file (WORKDIR/deploy/...).")
+_FORMAT = flags.DEFINE_list("format", ",".join(deploy.FORMATS),
+                            f"For `export`: the formats to write ({', '.join(deploy.FORMATS)}).")
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(configs.__file__), "copy_task.py"),
     "Config file, optionally with a variant: configs/copy_task.py:smoke.")
 
 
 def main(argv: list[str]) -> None:
     command = argv[1:]
-    workdir = _WORKDIR.value or recipe.default_workdir("copy_task")
     if command == ["sweep"]:
         from recipes.copy_task import sweep
 
-        sweep.sweep(_CONFIG.value, workdir, _DELAYS.value, _CELLS.value)
-        return
-    if command:
-        raise recipe.RecipeError(f"unknown command {' '.join(command)!r} (known: sweep)")
-    from recipes.copy_task import train
+        sweep.sweep(_CONFIG.value, _WORKDIR.value or workdirs.default_workdir("copy_task"),
+                    _DELAYS.value, _CELLS.value)
+    elif command == ["export"]:
+        from recipes.copy_task import deploy as copy_deploy
 
-    train.train_and_evaluate(_CONFIG.value, workdir, recipe.strategy_from_flags())
+        if not _WORKDIR.value:
+            raise errors.RecipeError("export needs --workdir=WORKDIR (a finished run)")
+        for name, path in copy_deploy.export(_WORKDIR.value, _FORMAT.value).items():
+            print(f"{name}\t{path.stat().st_size / 2**20:.2f} MiB\t{path}")
+    elif command == ["predict"]:
+        from recipes.copy_task import deploy as copy_deploy
+
+        if not _MODEL.value:
+            raise errors.RecipeError("predict needs --model=WORKDIR/export (or a deployed "
+                                     "model file)")
+        for line in copy_deploy.show_predictions(_MODEL.value, _CONFIG.value):
+            print(line)
+    elif command:
+        raise errors.RecipeError(f"unknown command {' '.join(command)!r} "
+                                 "(known: sweep, export, predict)")
+    else:
+        from recipes.copy_task import train
+
+        train.train_and_evaluate(_CONFIG.value,
+                                 _WORKDIR.value or workdirs.default_workdir("copy_task"),
+                                 cli.strategy_from_flags())
 
 
 if __name__ == "__main__":
-    recipe.run(main)
+    cli.run(main)

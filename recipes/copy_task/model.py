@@ -15,15 +15,15 @@ def chrono_max_delay(config: Any) -> int:
     return config.chrono_max_delay or int(1.5 * (config.delay + 2 * config.copy_length))
 
 
-def create_model(config: Any) -> keras.Model:
-    """`(batch, time)` int32 tokens → `(batch, time, vocab)` logits.
+def create_model(config: Any, batch_size: int | None = None) -> keras.Model:
+    """`(batch, time)` int32 tokens → `(batch, time, vocab)` logits (`batch_size`: fixed).
 
     Layers are named `embedding`, `rnn` and `logits` (the diagnostics use them).
     The model also holds `curriculum_delay` (int32), the delay the curriculum is
     training at, so checkpoints and backups restore it.
     """
     vocab = input_pipeline.vocab_size(config)
-    tokens = keras.Input((None,), dtype="int32", name="inputs")
+    tokens = keras.Input(batch_shape=(batch_size, None), dtype="int32", name="inputs")
     # One-hot inputs (a trainable embedding that starts as the identity): Keras's default
     # U[-0.05, 0.05] embedding made the symbols too faint, and the LSTM stayed at the baseline.
     x = keras.layers.Embedding(vocab, vocab, embeddings_initializer="identity",

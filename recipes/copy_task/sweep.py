@@ -18,7 +18,7 @@ from typing import Any
 import keras
 from absl import logging
 
-from lstm_tf import recipe
+from recipes.common import errors, workdirs
 from recipes.copy_task import plots, train
 
 CELLS = {"lstm": ("lstm", False), "rnn": ("rnn", False), "gru": ("gru", False),
@@ -31,12 +31,12 @@ def _parse(delays: list[str], cells: list[str]) -> tuple[list[int], list[str]]:
     try:
         parsed = [int(d) for d in delays]
     except ValueError:
-        raise recipe.RecipeError(f"--delays={','.join(delays)} must be integers") from None
+        raise errors.RecipeError(f"--delays={','.join(delays)} must be integers") from None
     if not parsed or min(parsed) <= 0:
-        raise recipe.RecipeError(f"--delays={','.join(delays)} must be positive integers")
+        raise errors.RecipeError(f"--delays={','.join(delays)} must be positive integers")
     unknown = [c for c in cells if c not in CELLS]
     if unknown or not cells:
-        raise recipe.RecipeError(f"unknown cell {unknown[0] if unknown else ''!r} in --cells "
+        raise errors.RecipeError(f"unknown cell {unknown[0] if unknown else ''!r} in --cells "
                                  f"(known: {', '.join(CELLS)})")
     return parsed, cells
 
@@ -44,7 +44,7 @@ def _parse(delays: list[str], cells: list[str]) -> tuple[list[int], list[str]]:
 def sweep(config: Any, workdir: str, delays: list[str], cells: list[str]) -> list[dict]:
     """Trains the pairs (cells outer, delays inner) and writes the table and plots."""
     delays_, cells = _parse(delays, cells)
-    root = recipe.prepare_workdir(workdir)
+    root = workdirs.prepare_workdir(workdir)
     rows, flows = [], {}
     for name in cells:
         for delay in delays_:

@@ -12,8 +12,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from lstm_tf import recipe
 from lstm_tf.diagnostics import gate_activations, state_gradient_norms
+from recipes.common import checkpoints, distribute, errors, exports, summaries, workdirs
 from recipes.copy_task import input_pipeline, plots
 from recipes.copy_task import model as models
 
@@ -175,12 +175,12 @@ def train_and_evaluate(config: Any, workdir: str,
         The metrics written to metrics.json.
     """
     start = time.time()
-    recipe.check_config(config, CONFIG_RULES)
+    errors.check_config(config, CONFIG_RULES)
     if config.chrono and config.cell != "lstm":
-        raise recipe.RecipeError(f"--config.chrono=True needs --config.cell=lstm "
+        raise errors.RecipeError(f"--config.chrono=True needs --config.cell=lstm "
                                  f"(got {config.cell!r})")
     strategy = strategy or tf.distribute.get_strategy()
-    workdir = recipe.start_run(config, workdir, strategy)
+    workdir = workdirs.start_run(config, workdir, strategy)
 
     with strategy.scope():
         model = models.create_model(config)
@@ -193,11 +193,12 @@ def train_and_evaluate(config: Any, workdir: str,
         config.delay
     model.curriculum_delay.assign(first_delay)  # BackupAndRestore overwrites it on resume
     # A resumed run goes on with the batches after the ones its backup has seen.
-    seen = recipe.completed_epochs(recipe.backup_dir(workdir, strategy)) * config.steps_per_epoch
-    train_ds = recipe.shard_by_data(
+    seen = config.steps_per_epoch * checkpoints.completed_epochs(
+        checkpoints.backup_dir(workdir, strategy))
+    train_ds = distribute.shard_by_data(
         input_pipeline.training_batches(config, model.curriculum_delay, first_batch=seen))
     eval_inputs, eval_targets = input_pipeline.held_out(config)
-    eval_ds = recipe.shard_by_data(
+    eval_ds = distribute.shard_by_data(
         tf.data.Dataset.from_tensor_slices((eval_inputs, eval_targets)).batch(250))
     probe = eval_inputs[:config.diagnostic_examples], eval_targets[:config.diagnostic_examples]
     baseline = input_pipeline.baseline_loss(config.delay, config.copy_length, config.num_symbols)
@@ -207,16 +208,18 @@ def train_and_evaluate(config: Any, workdir: str,
         Curriculum(config),
         StopWhenDone(config),
         timer,
-        *recipe.training_callbacks(workdir, monitor="val_loss", mode="min",
+        *checkpoints.training_callbacks(workdir, monitor="val_loss", mode="min",
                                    strategy=strategy),
-        recipe.EpochSummaries(logdir / "metrics", config.to_dict()),
+        summaries.EpochSummaries(logdir / "metrics", config.to_dict()),
+        summaries.StepSummaries(logdir / "metrics", config.log_every_steps),
         Diagnostics(str(logdir / "diagnostics"), *probe, cell=config.cell),
     ]
     model.fit(train_ds, steps_per_epoch=config.steps_per_epoch, epochs=config.max_epochs,
-              validation_data=eval_ds, callbacks=callbacks, verbose=recipe.progress_verbosity())
+              validation_data=eval_ds, callbacks=callbacks, shuffle=False,
+              verbose=summaries.progress_verbosity())
     train_seconds = time.time() - start
 
-    model.load_weights(recipe.best_checkpoint(workdir))
+    model.load_weights(checkpoints.best_checkpoint(workdir))
     evaluation = model.evaluate(eval_ds, return_dict=True, verbose=0)
     steps = int(model.optimizer.iterations.numpy())  # restored by BackupAndRestore on resume
     metrics = {
@@ -228,16 +231,16 @@ def train_and_evaluate(config: Any, workdir: str,
         "seconds_per_step": round(timer.seconds_per_step(), 4) if timer.per_step else None,
     }
     forget = forget_gate_means(model, probe[0])
-    recipe.write_json(workdir / "diagnostics.json", {
+    workdirs.write_json(workdir / "diagnostics.json", {
         "gradient_flow": gradient_flow(model, *probe).tolist(),
         "forget_gate_mean": None if forget is None else forget.tolist(),
     })
-    if recipe.is_chief(strategy):
-        metrics["export"] = str(recipe.export_saved_model(lambda path: export(model, path),
+    if distribute.is_chief(strategy):
+        metrics["export"] = str(exports.export_saved_model(lambda path: export(model, path),
                                                           workdir))
     metrics["train_seconds"] = round(train_seconds, 1)
     metrics["wall_seconds"] = round(time.time() - start, 1)
-    recipe.write_json(workdir / "metrics.json", metrics)
+    workdirs.write_json(workdir / "metrics.json", metrics)
     logging.info("held-out loss %.4f (baseline %.4f), copied-symbol accuracy %.4f; exported to %s",
                  evaluation["loss"], baseline, evaluation["copied_accuracy"],
                  metrics.get("export"))

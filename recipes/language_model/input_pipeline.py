@@ -18,7 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from lstm_tf.recipe import RecipeError, load_tfds
+from recipes.common.data import load_tfds
+from recipes.common.errors import RecipeError
 
 
 def tokenize(text: tf.Tensor, level: str) -> tf.RaggedTensor:

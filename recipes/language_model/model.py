@@ -3,8 +3,9 @@
 Two models with the same weights (`stateless.set_weights(stateful.get_weights())`):
 - the training model, `create_model(config, vocab_size, batch_size=B)`: `[B, time]` ids →
   `[B, time, vocab]` logits, stateful LSTMs (batch k+1 starts from batch k's state);
-- the step model, `create_model(config, vocab_size)`: ids, a mask and the LSTM states in,
-  logits and the new states out. Scoring, generation and the export use it.
+- the step model, `create_step_model(config, vocab_size)` (or `create_model` without a batch
+  size): ids, a mask and the LSTM states in, logits and the new states out. Scoring,
+  generation, the export and the deployed models use it.
 """
 
 from __future__ import annotations
@@ -19,37 +20,62 @@ import lstm_tf
 def create_model(config: Any, vocab_size: int, batch_size: int | None = None) -> keras.Model:
     """The stateful training model (with `batch_size`) or the step model (without).
 
-    Step model inputs: `tokens` int32 `[batch, time]`, `mask` bool `[batch, time]`
-    (right padding), then `h, c` `[batch, units]` of each layer; outputs: logits
-    `[batch, time, vocab]`, then the final `h, c` of each layer (at each row's
-    last real step).
+    Training model: `[batch_size, time]` ids → `[batch_size, time, vocab]` logits,
+    stateful LSTMs. The step model: see `create_step_model`.
     """
-    init = keras.initializers.RandomUniform(-config.init_scale, config.init_scale)
-    stateful = batch_size is not None
+    if batch_size is None:
+        return create_step_model(config, vocab_size)
     tokens = keras.Input(batch_shape=(batch_size, None), dtype="int32", name="tokens")
-    x = keras.layers.Embedding(vocab_size, config.embedding_dim,
-                               embeddings_initializer=init, name="embedding")(tokens)
-    x = keras.layers.Dropout(config.dropout)(x)
-    if not stateful:
-        mask = keras.Input((None,), dtype="bool", name="mask")
-        states = [keras.Input((config.units,), name=f"{k}{i}")
-                  for i in range(config.num_layers) for k in "hc"]
+    x = keras.layers.Dropout(config.dropout)(_embedding(config, vocab_size)(tokens))
+    for i in range(config.num_layers):
+        x = _lstm(config, i, return_state=False, stateful=True)(x)
+        x = keras.layers.Dropout(config.dropout)(x)
+    return keras.Model(tokens, _logits(config, vocab_size)(x), name="language_model")
+
+
+def create_step_model(config: Any, vocab_size: int, batch_size: int | None = None,
+                      steps: int | None = None, masked: bool = True) -> keras.Model:
+    """The LM as a function of ids and states: what scoring, generation and deployment run.
+
+    Inputs: `tokens` int32 `[batch, time]`, `mask` bool `[batch, time]` (right
+    padding; not with `masked=False`), then `h0, c0, h1, c1, ...` `[batch,
+    units]`; outputs: `logits` `[batch, time, vocab]`, then the final `h, c` of
+    each layer (at each row's last real step). `batch_size`, `steps`: fixed
+    sizes (TFLite: `steps=1` streams one token at a time).
+    """
+    tokens = keras.Input(batch_shape=(batch_size, steps), dtype="int32", name="tokens")
+    mask = keras.Input(batch_shape=(batch_size, steps), dtype="bool", name="mask")
+    states = [keras.Input(batch_shape=(batch_size, config.units), name=f"{k}{i}")
+              for i in range(config.num_layers) for k in "hc"]
+    x = keras.layers.Dropout(config.dropout)(_embedding(config, vocab_size)(tokens))
     new_states = []
     for i in range(config.num_layers):
-        lstm = lstm_tf.LSTM(config.units, return_sequences=True, return_state=not stateful,
-                            stateful=stateful, kernel_initializer=init,
-                            recurrent_initializer=init, name=f"lstm{i}")
-        if stateful:
-            x = lstm(x)
-        else:
-            x, h, c = lstm(x, initial_state=states[2 * i:2 * i + 2], mask=mask)
-            new_states += [h, c]
+        x, h, c = _lstm(config, i, return_state=True, stateful=False)(
+            x, initial_state=states[2 * i:2 * i + 2], mask=mask if masked else None)
+        new_states += [h, c]
         x = keras.layers.Dropout(config.dropout)(x)
-    logits = keras.layers.Dense(vocab_size, kernel_initializer=init, name="logits")(x)
-    if stateful:
-        return keras.Model(tokens, logits, name="language_model")
-    return keras.Model([tokens, mask, *states], [logits, *new_states],
-                       name="language_model_step")
+    logits = _logits(config, vocab_size)(x)
+    inputs = [tokens, mask, *states] if masked else [tokens, *states]
+    return keras.Model(inputs, [logits, *new_states], name="language_model_step")
+
+
+def _init(config: Any) -> keras.initializers.Initializer:
+    return keras.initializers.RandomUniform(-config.init_scale, config.init_scale)
+
+
+def _embedding(config: Any, vocab_size: int) -> keras.layers.Layer:
+    return keras.layers.Embedding(vocab_size, config.embedding_dim,
+                                  embeddings_initializer=_init(config), name="embedding")
+
+
+def _lstm(config: Any, i: int, return_state: bool, stateful: bool) -> keras.layers.Layer:
+    return lstm_tf.LSTM(config.units, return_sequences=True, return_state=return_state,
+                        stateful=stateful, kernel_initializer=_init(config),
+                        recurrent_initializer=_init(config), name=f"lstm{i}")
+
+
+def _logits(config: Any, vocab_size: int) -> keras.layers.Layer:
+    return keras.layers.Dense(vocab_size, kernel_initializer=_init(config), name="logits")
 
 
 def reset_states(model: keras.Model) -> None:

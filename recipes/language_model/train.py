@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from lstm_tf import recipe
+from recipes.common import checkpoints, errors, exports, summaries, workdirs
 from recipes.language_model import input_pipeline, sampling
 from recipes.language_model import model as models
 
@@ -143,15 +143,15 @@ def train_and_evaluate(config: Any, workdir: str,
         The metrics written to metrics.json.
     """
     start = time.time()
-    recipe.check_config(config, CONFIG_RULES)
+    errors.check_config(config, CONFIG_RULES)
     strategy = strategy or tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync > 1:
-        raise recipe.RecipeError(
+        raise errors.RecipeError(
             f"the language model trains with stateful TBPTT, which needs one replica "
             f"(this strategy has {strategy.num_replicas_in_sync}); use --strategy=default or "
             "a single device")
     train_text, val_text, test_text = input_pipeline.read_splits(config)
-    workdir = recipe.start_run(config, workdir, strategy)
+    workdir = workdirs.start_run(config, workdir, strategy)
 
     vocab = input_pipeline.build_vocabulary(config, train_text, workdir / "vocab.json")
     lookup = input_pipeline.make_lookup(config, vocab)
@@ -178,15 +178,16 @@ def train_and_evaluate(config: Any, workdir: str,
         ResetStates(),
         learning_rate_schedule(config),
         StreamEvaluation(functions, val_text, config, str(logdir / "samples")),
-        *recipe.training_callbacks(workdir, monitor="val_cross_entropy", mode="min",
+        *checkpoints.training_callbacks(workdir, monitor="val_cross_entropy", mode="min",
                                    strategy=strategy),
-        recipe.EpochSummaries(logdir / "metrics", config.to_dict()),
+        summaries.EpochSummaries(logdir / "metrics", config.to_dict()),
+        summaries.StepSummaries(logdir / "metrics", config.log_every_steps),
     ]
-    history = model.fit(train_ds, epochs=config.epochs, callbacks=callbacks,
-                        verbose=recipe.progress_verbosity())
+    history = model.fit(train_ds, epochs=config.epochs, callbacks=callbacks, shuffle=False,
+                        verbose=summaries.progress_verbosity())
     train_seconds = time.time() - start
 
-    model.load_weights(recipe.best_checkpoint(workdir))
+    model.load_weights(checkpoints.best_checkpoint(workdir))
     functions.model.set_weights(model.get_weights())
     metrics = {
         "train": {k: float(v[-1]) for k, v in history.history.items()},
@@ -194,10 +195,10 @@ def train_and_evaluate(config: Any, workdir: str,
         "test": evaluate(functions, test_text, config.level),
         "vocab_size": len(vocab) + 1,
     }
-    exported = recipe.export_saved_model(lambda path: export(functions, path), workdir)
+    exported = exports.export_saved_model(lambda path: export(functions, path), workdir)
     metrics["export"] = str(exported)
     metrics["train_seconds"] = round(train_seconds, 1)
     metrics["wall_seconds"] = round(time.time() - start, 1)
-    recipe.write_json(workdir / "metrics.json", metrics)
+    workdirs.write_json(workdir / "metrics.json", metrics)
     logging.info("test %s; exported to %s", metrics["test"], exported)
     return metrics

@@ -3,54 +3,75 @@
 Train (default config = the real recipe; `:smoke` = a tiny run):
     python -m recipes.sentiment --workdir=runs/sentiment [--config=configs/sentiment.py:smoke]
         [--config.epochs=2 ...]
-Predict with an export:
-    python -m recipes.sentiment predict --export_dir=runs/sentiment/export "Great film!" ...
+Deployment artifacts (TFLite float / dynamic-range / int8, ONNX) of a finished run:
+    python -m recipes.sentiment export --workdir=runs/sentiment [--format=tflite,onnx]
+Predict with the SavedModel export or any deployed model file:
+    python -m recipes.sentiment predict --model=runs/sentiment/export "Great film!" ...
+    python -m recipes.sentiment predict --model=runs/sentiment/deploy/model_int8.tflite "Dull."
+Accuracy of any of them on a split (default: test):
+    python -m recipes.sentiment evaluate --model=runs/sentiment/deploy/model_int8.tflite
 """
 
+import json
 import os
 
 from absl import flags
 
 import configs
-from lstm_tf import recipe
+from recipes.common import cli, deploy, errors, workdirs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write everything "
-                               "(default: runs/sentiment/<timestamp>).")
-_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "For `predict`: an export "
-                                  "version directory, or WORKDIR/export (latest version).")
-_CONFIG = recipe.define_config(
+                               "(default: runs/sentiment/<timestamp>); for `export`, the "
+                               "finished run.")
+_MODEL = flags.DEFINE_string("model", None, "For `predict` and `evaluate`: a SavedModel "
+                             "export (WORKDIR/export or a version in it) or a deployed model "
+                             "file (WORKDIR/deploy/model.tflite, ...).")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Same as --model (a SavedModel export).")
+_FORMAT = flags.DEFINE_list("format", ",".join(deploy.FORMATS),
+                            f"For `export`: the formats to write ({', '.join(deploy.FORMATS)}).")
+_SPLIT = flags.DEFINE_string("split", "test", "For `evaluate`: the split of the run's dataset.")
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(configs.__file__), "sentiment.py"),
     "Config file, optionally with a variant: configs/sentiment.py:smoke.")
 
+COMMANDS = ("predict", "export", "evaluate")
 
-def predict(export_dir: str | None, texts: list[str]) -> None:
-    """Prints `label  probability  text` for each text."""
-    import tensorflow as tf
 
-    if not export_dir:
-        raise recipe.RecipeError("predict needs --export_dir=WORKDIR/export")
-    if not texts:
-        raise recipe.RecipeError('predict needs texts: predict --export_dir=DIR "text" ...')
-    serve = tf.saved_model.load(str(recipe.latest_export(export_dir))).signatures[
-        "serving_default"]
-    out = serve(text=tf.constant(texts))
-    labels, probabilities = out["label"].numpy(), out["probability"].numpy()
-    for text, label, p in zip(texts, labels, probabilities, strict=True):
-        print(f"{'positive' if label else 'negative'}\t{p:.4f}\t{text[:70]!r}")
+def _model_flag(command: str) -> str:
+    model = _MODEL.value or _EXPORT_DIR.value
+    if not model:
+        raise errors.RecipeError(f"{command} needs --model=WORKDIR/export (or a deployed "
+                                 "model file, WORKDIR/deploy/model.tflite, ...)")
+    return model
 
 
 def main(argv: list[str]) -> None:
-    command = argv[1:]
-    if command and command[0] == "predict":
-        return predict(_EXPORT_DIR.value, command[1:])
-    if command:
-        raise recipe.RecipeError(f"unknown command {command[0]!r} (known: predict)")
-    from recipes.sentiment import train
+    command, args = (argv[1], argv[2:]) if len(argv) > 1 else ("train", [])
+    if command not in ("train", *COMMANDS) or (args and command != "predict"):
+        raise errors.RecipeError(f"unknown command {' '.join(argv[1:])!r} "
+                                 f"(known: {', '.join(COMMANDS)})")
+    if command == "train":
+        from recipes.sentiment import train
 
-    train.train_and_evaluate(_CONFIG.value,
-                             _WORKDIR.value or recipe.default_workdir("sentiment"),
-                             recipe.strategy_from_flags())
+        train.train_and_evaluate(_CONFIG.value,
+                                 _WORKDIR.value or workdirs.default_workdir("sentiment"),
+                                 cli.strategy_from_flags())
+        return
+    from recipes.sentiment import deploy as sentiment_deploy
+
+    if command == "predict":
+        sentiment_deploy.print_predictions(_model_flag("predict"), args)
+    elif command == "export":
+        if not _WORKDIR.value:
+            raise errors.RecipeError("export needs --workdir=WORKDIR (a finished run)")
+        for name, path in sentiment_deploy.export(_WORKDIR.value, _FORMAT.value).items():
+            print(f"{name}\t{path.stat().st_size / 2**20:.2f} MiB\t{path}")
+    else:
+        model = _model_flag("evaluate")
+        config = sentiment_deploy.config_of(model)
+        print(json.dumps({"model": model, "split": _SPLIT.value,
+                          **sentiment_deploy.accuracy(model, config, _SPLIT.value)}))
 
 
 if __name__ == "__main__":
-    recipe.run(main)
+    cli.run(main)

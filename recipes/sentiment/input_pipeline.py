@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from lstm_tf.recipe import RecipeError, load_tfds, shard_by_data
+from recipes.common.data import load_tfds
+from recipes.common.distribute import shard_by_data
+from recipes.common.errors import RecipeError
 
 
 def load_splits(config: Any) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Dataset]:
     """The train, validation and test splits as `(text, label)` pairs."""
-    splits = load_tfds(config.dataset,
-                       [config.train_split, config.validation_split, config.test_split],
-                       config.data_dir, download=config.download)
+    return tuple(load_texts(
+        config, [config.train_split, config.validation_split, config.test_split]))
+
+
+def load_texts(config: Any, splits: list[str]) -> list[tf.data.Dataset]:
+    """Splits of the config's dataset as `(text, label)` pairs."""
+    datasets = load_tfds(config.dataset, splits, config.data_dir, download=config.download)
     pick = lambda ex: (ex[config.text_feature], ex[config.label_feature])  # noqa: E731
     try:
-        return tuple(ds.map(pick) for ds in splits)
+        return [ds.map(pick) for ds in datasets]
     except KeyError:
-        features = list(splits[0].element_spec)
+        features = list(datasets[0].element_spec)
         raise RecipeError(
             f"--config.text_feature={config.text_feature!r} / --config.label_feature="
             f"{config.label_feature!r} are not features of {config.dataset!r} (it has {features})"
@@ -66,27 +73,62 @@ def _at_least_one_step(ids: tf.Tensor) -> tf.Tensor:
     return tf.pad(ids, [[0, 0], [0, tf.maximum(0, 1 - tf.shape(ids)[1])]])
 
 
-def batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, config: Any,
-            training: bool) -> tf.data.Dataset:
-    """Bucketed, right-padded `(ids, label)` batches.
-
-    Training drops texts with no tokens and reshuffles every epoch (seeded);
-    with `config.drop_remainder`, it keeps only full batches.
-    """
+def _examples(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, config: Any,
+              training: bool) -> tf.data.Dataset:
+    """`(ids, label)` pairs, cached; training drops texts with no tokens."""
     ds = ds.map(
         lambda text, label: (vectorizer(text[None])[0, : config.max_length], label),
         num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         ds = ds.filter(lambda ids, label: tf.size(ids) > 0)
-    ds = ds.cache()
-    if training:
-        ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
+    return ds.cache()
+
+
+def _bucketed(ds: tf.data.Dataset, config: Any, drop_remainder: bool) -> tf.data.Dataset:
+    """Batches of reviews of similar length, right-padded with 0."""
     boundaries = list(range(config.bucket_width, config.max_length + 1, config.bucket_width))
     ds = ds.bucket_by_sequence_length(
         lambda ids, label: tf.size(ids),
         bucket_boundaries=boundaries,
         bucket_batch_sizes=[config.batch_size] * (len(boundaries) + 1),
         pad_to_bucket_boundary=False,
-        drop_remainder=training and config.drop_remainder)
-    ds = ds.map(lambda ids, label: (_at_least_one_step(ids), label))
+        drop_remainder=drop_remainder)
+    return ds.map(lambda ids, label: (_at_least_one_step(ids), label))
+
+
+def batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization,
+            config: Any) -> tf.data.Dataset:
+    """Evaluation batches: bucketed, right-padded `(ids, label)`, in a fixed order.
+
+    Their number is counted once and declared (`assert_cardinality`), so that
+    Keras knows when an evaluation ends instead of warning that the data "ran out".
+    """
+    ds = _bucketed(_examples(ds, vectorizer, config, training=False), config, False)
+    count = ds.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(count))
     return shard_by_data(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def training_batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization,
+                     config: Any, first_epoch: int = 0) -> tuple[tf.data.Dataset, int]:
+    """Training batches of epochs `first_epoch` .. `config.epochs - 1`, and batches per epoch.
+
+    Each epoch is the examples shuffled (seeded), then bucketed; its order is a
+    function of (seed, epoch) alone, so a resumed run, a second replica and a
+    second worker all see exactly the batches of an uninterrupted run on one
+    device (a shuffle that reshuffles per iterator would depend on how many
+    iterators were made: Keras makes an extra one under a distribution
+    strategy). With `config.drop_remainder`, only full batches.
+    """
+    examples = _examples(ds, vectorizer, config, training=True)
+    steps = int(_bucketed(examples, config, config.drop_remainder).reduce(
+        0, lambda count, _: count + 1))
+
+    def epoch(e: int) -> tf.data.Dataset:
+        shuffled = examples.shuffle(config.shuffle_buffer, seed=config.seed * 100003 + e,
+                                    reshuffle_each_iteration=False)
+        return _bucketed(shuffled, config, config.drop_remainder)
+
+    epochs = [epoch(e) for e in range(first_epoch, config.epochs)]
+    ds = functools.reduce(tf.data.Dataset.concatenate, epochs) if epochs else examples.take(0)
+    return shard_by_data(ds.prefetch(tf.data.AUTOTUNE)), steps

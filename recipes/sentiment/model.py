@@ -39,10 +39,16 @@ class MaskedMeanMaxPooling(keras.layers.Layer):
         return (input_shape[0], 2 * input_shape[-1])
 
 
-def create_model(config: Any) -> keras.Model:
-    """`(batch, time)` int ids, 0 = padding → `(batch, 1)` P(positive)."""
-    tokens = keras.Input((None,), dtype="int64", name="tokens")
-    x = keras.layers.Embedding(config.vocab_size, config.embedding_dim, mask_zero=True)(tokens)
+def create_model(config: Any, batch_size: int | None = None,
+                 mask_zero: bool = True) -> keras.Model:
+    """`(batch, time)` int ids, 0 = padding → `(batch, 1)` P(positive).
+
+    `batch_size`: a fixed batch size (TFLite); `mask_zero=False`: the same model
+    without a padding mask, for unpadded sequences (TFLite's fused LSTM op).
+    """
+    tokens = keras.Input(batch_shape=(batch_size, None), dtype="int64", name="tokens")
+    x = keras.layers.Embedding(config.vocab_size, config.embedding_dim,
+                               mask_zero=mask_zero)(tokens)
     # Word dropout: drops whole token vectors (one draw per token, all features).
     x = keras.layers.Dropout(config.word_dropout, noise_shape=(None, None, 1))(x)
     x = keras.layers.Dropout(config.dropout)(x)

@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from lstm_tf import recipe
+from recipes.common import checkpoints, distribute, errors, exports, summaries, workdirs
 from recipes.sentiment import input_pipeline
 from recipes.sentiment import model as models
 
@@ -63,19 +63,18 @@ def train_and_evaluate(config: Any, workdir: str,
         The metrics written to metrics.json.
     """
     start = time.time()
-    recipe.check_config(config, CONFIG_RULES)
+    errors.check_config(config, CONFIG_RULES)
     train_raw, val_raw, test_raw = input_pipeline.load_splits(config)
     strategy = strategy or tf.distribute.get_strategy()
-    workdir = recipe.start_run(config, workdir, strategy)
+    workdir = workdirs.start_run(config, workdir, strategy)
 
     vectorizer = input_pipeline.make_vectorizer(config, train_raw, workdir / "vocab.txt")
-    train_ds = input_pipeline.batches(train_raw, vectorizer, config, training=True)
-    val_ds = input_pipeline.batches(val_raw, vectorizer, config, training=False)
-    test_ds = input_pipeline.batches(test_raw, vectorizer, config, training=False)
-    # A resumed run goes on with the shuffle order of its next epoch: tf.data draws
-    # new shuffle seeds for each iterator, one iterator per epoch.
-    for _ in range(recipe.completed_epochs(recipe.backup_dir(workdir, strategy))):
-        iter(train_ds)
+    # A resumed run goes on with the batches of its next epoch.
+    train_ds, steps_per_epoch = input_pipeline.training_batches(
+        train_raw, vectorizer, config,
+        first_epoch=checkpoints.completed_epochs(checkpoints.backup_dir(workdir, strategy)))
+    val_ds = input_pipeline.batches(val_raw, vectorizer, config)
+    test_ds = input_pipeline.batches(test_raw, vectorizer, config)
 
     with strategy.scope():
         model = models.create_model(config)
@@ -83,32 +82,35 @@ def train_and_evaluate(config: Any, workdir: str,
             optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
             loss="binary_crossentropy",
             metrics=["accuracy"])
-    sample_ids, _ = next(iter(val_ds))
+    sample_texts, _ = next(iter(val_raw.batch(32)))
     logdir = workdir / "tensorboard"
-    callbacks = recipe.training_callbacks(
+    callbacks = checkpoints.training_callbacks(
         workdir, monitor="val_loss", mode="min", strategy=strategy,
         early_stopping_patience=config.early_stopping_patience) + [
-        recipe.EpochSummaries(logdir / "metrics", config.to_dict()),
-        recipe.GateHistograms(logdir / "gates", sample_ids[:32]),
+        summaries.EpochSummaries(logdir / "metrics", config.to_dict()),
+        summaries.StepSummaries(logdir / "metrics", config.log_every_steps),
+        summaries.GateHistograms(logdir / "gates", input_pipeline.to_ids(
+            vectorizer, sample_texts, config.max_length)),
     ]
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                        callbacks=callbacks, verbose=recipe.progress_verbosity())
+                        steps_per_epoch=steps_per_epoch, shuffle=False, callbacks=callbacks,
+                        verbose=summaries.progress_verbosity())
     train_seconds = time.time() - start
 
-    model.load_weights(recipe.best_checkpoint(workdir))
+    model.load_weights(checkpoints.best_checkpoint(workdir))
     metrics = {
         "train": {k: float(v[-1]) for k, v in history.history.items()
                   if not k.startswith("val_")} if history.history else {},
         "validation": model.evaluate(val_ds, return_dict=True, verbose=0),
         "test": model.evaluate(test_ds, return_dict=True, verbose=0),
     }
-    if recipe.is_chief(strategy):
-        exported = recipe.export_saved_model(
+    if distribute.is_chief(strategy):
+        exported = exports.export_saved_model(
             lambda path: export(model, vectorizer, config, path), workdir)
         metrics["export"] = str(exported)
     metrics["train_seconds"] = round(train_seconds, 1)
     metrics["wall_seconds"] = round(time.time() - start, 1)
-    recipe.write_json(workdir / "metrics.json", metrics)
+    workdirs.write_json(workdir / "metrics.json", metrics)
     logging.info("test accuracy %.4f; exported to %s", metrics["test"]["accuracy"],
                  metrics.get("export"))
     return metrics

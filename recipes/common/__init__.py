@@ -1,0 +1,11 @@
+"""What every recipe shares, written once beside the recipes that use it.
+
+* `errors`: `RecipeError` (a user mistake, reported as one line) and config checks;
+* `cli`: the absl flags every recipe has, and `run(main)` with one-line errors;
+* `distribute`: the `tf.distribute` strategy from `--strategy`;
+* `workdirs`: the run directory (creation, lock, resolved config, atomic JSON);
+* `data`: TFDS loading with one-line errors;
+* `checkpoints`: NaN stop, best checkpoint, resumable backups (Keras callbacks);
+* `summaries`: TensorBoard scalars per step and per epoch, gate histograms;
+* `exports`: versioned, atomic SavedModel exports and finding the latest one.
+"""

@@ -1,0 +1,152 @@
+"""Deployment formats of a trained model: TFLite (float, dynamic-range, int8) and ONNX.
+
+Every recipe writes them with `write(...)` into `WORKDIR/deploy/` from a Keras
+model that takes token ids (tokenization stays outside: TFLite's built-in ops
+and ONNX have no string ops), and runs any of them with `load(path)`, which
+needs only LiteRT (`ai-edge-litert`) or onnxruntime at run time.
+
+| format | file | what it is |
+| --- | --- | --- |
+| `tflite` | `model.tflite` | float32, LiteRT built-in ops only |
+| `tflite_dynamic` | `model_dynamic.tflite` | weights int8, activations float (dynamic range) |
+| `tflite_int8` | `model_int8.tflite` | full integer quantization from a representative dataset |
+| `onnx` | `model.onnx` | tf2onnx, dynamic batch and length |
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from lstm_tf import conversion
+from recipes.common import exports
+from recipes.common.errors import RecipeError
+
+FILES = {"tflite": "model.tflite", "tflite_dynamic": "model_dynamic.tflite",
+         "tflite_int8": "model_int8.tflite", "onnx": "model.onnx"}
+FORMATS = tuple(FILES)
+ONNX_OPSET = 17
+# Ops a TFLite model must not contain: a loop instead of the fused LSTM op, or TF ops.
+UNWANTED_TFLITE_OPS = ("WHILE", "IF", "CALL_ONCE", "FLEX", "CUSTOM")
+
+
+def check_formats(formats: Iterable[str]) -> list[str]:
+    """The formats asked for, or `RecipeError` naming an unknown one."""
+    formats = list(formats)
+    unknown = [f for f in formats if f not in FILES]
+    if unknown or not formats:
+        raise RecipeError(f"unknown format {unknown[0] if unknown else ''!r} in --format "
+                          f"(known: {', '.join(FORMATS)})")
+    return formats
+
+
+def tflite(model: keras.Model, quantization: str = "",
+           representative: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+           output_names: list[str] | None = None) -> bytes:
+    """`model` (fixed batch size) converted by the stock `TFLiteConverter.from_saved_model`.
+
+    `quantization`: "" (float32), "dynamic" (int8 weights) or "int8" (full
+    integer quantization of weights and activations, calibrated on the inputs
+    `representative()` yields, `{input name: array}`; float inputs and outputs
+    stay float).
+    """
+    with tempfile.TemporaryDirectory() as saved:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint("serve", named_outputs(model, output_names), input_signature=[
+            tf.TensorSpec(i.shape, i.dtype, name=i.name) for i in model.inputs])
+        archive.write_out(saved, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        if quantization:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "int8":
+            converter.representative_dataset = representative
+        return converter.convert()
+
+
+def named_outputs(model: keras.Model, names: list[str] | None = None
+                  ) -> Callable[..., dict[str, tf.Tensor]]:
+    """`model`'s inference as a function of its inputs (in order) to `{output name: tensor}`.
+
+    `names`: the outputs' names (default: `model.output_names`).
+    """
+    def call(*inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        outputs = model(list(inputs) if len(inputs) > 1 else inputs[0], training=False)
+        return dict(zip(names or model.output_names, tf.nest.flatten(outputs), strict=True))
+
+    return call
+
+
+def tflite_ops(content: bytes) -> set[str]:
+    """The names of the ops in a TFLite model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    # (`_get_ops_details` is LiteRT's only way to list ops from Python; TF's
+    # `Analyzer` prints them from C++.)
+    return {op["op_name"] for op in Interpreter(model_content=content)._get_ops_details()}
+
+
+def unwanted_ops(content: bytes) -> list[str]:
+    """The loop, Flex and custom ops of a TFLite model (none in a fused, built-in model)."""
+    return sorted(op for op in tflite_ops(content)
+                  if any(op.startswith(bad) for bad in UNWANTED_TFLITE_OPS))
+
+
+def onnx(function: Callable[..., Any], input_signature: list[tf.TensorSpec]) -> bytes:
+    """`function` of tensors as a serialized ONNX model (tf2onnx, ONNX LSTM ops)."""
+    return conversion.to_onnx(function, input_signature, opset=ONNX_OPSET).SerializeToString()
+
+
+def write(content: bytes, path: pathlib.Path) -> pathlib.Path:
+    """Writes a model file atomically (the old one stays until the new one is complete)."""
+    return exports.write_atomically(lambda tmp: pathlib.Path(tmp).write_bytes(content), path)
+
+
+class Model:
+    """A deployed model file (`.tflite` or `.onnx`) as a function of named numpy arrays.
+
+    `model(**inputs)` returns `{output name: array}`; TFLite inputs are resized
+    to the arrays given (LiteRT's signature runner). Calls are independent:
+    `lstm_tf` models carry no state from one call to the next.
+    """
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        self.path = pathlib.Path(path)
+        if not self.path.is_file():
+            raise RecipeError(f"no model file {self.path}; write it with the recipe's "
+                              "`export --workdir=WORKDIR` command")
+        self.format = "onnx" if self.path.suffix == ".onnx" else "tflite"
+        try:
+            if self.format == "onnx":
+                import onnxruntime
+
+                self._session = onnxruntime.InferenceSession(
+                    str(self.path), providers=["CPUExecutionProvider"])
+                self.input_names = [i.name for i in self._session.get_inputs()]
+            else:
+                from ai_edge_litert.interpreter import Interpreter
+
+                self._interpreter = Interpreter(model_path=str(self.path))
+                self._runner = self._interpreter.get_signature_runner()
+                self.input_names = sorted(self._runner.get_input_details())
+        except (ValueError, RuntimeError) as e:
+            raise RecipeError(f"{self.path} is not a readable {self.format} model "
+                              f"({str(e).strip().splitlines()[0] if str(e).strip() else e})"
+                              ) from None
+        except Exception as e:  # onnxruntime's errors have their own types
+            if type(e).__module__.startswith("onnxruntime"):
+                raise RecipeError(f"{self.path} is not a readable onnx model "
+                                  f"({str(e).strip().splitlines()[0]})") from None
+            raise
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        if self.format == "onnx":
+            names = [o.name for o in self._session.get_outputs()]
+            return dict(zip(names, self._session.run(names, inputs), strict=True))
+        return self._runner(**inputs)

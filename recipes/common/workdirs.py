@@ -1,0 +1,99 @@
+"""A run's directory: created and checked, locked while in use, its config and JSON files."""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from recipes.common.distribute import is_chief
+from recipes.common.errors import RecipeError
+
+_locks: dict[pathlib.Path, Any] = {}  # open lock files, held until the process exits
+
+
+def default_workdir(recipe: str) -> str:
+    """`runs/<recipe>/<timestamp>` under the current directory."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join("runs", recipe, stamp)
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+    """Creates `workdir` (if needed) and checks that it is writable."""
+    path = pathlib.Path(workdir).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise RecipeError(
+            f"cannot write to workdir {path} ({e.strerror or e}); pass a writable --workdir"
+        ) from None
+    return path
+
+
+def lock_workdir(path: pathlib.Path) -> None:
+    """Claims `path` for this process until it exits; `RecipeError` if another has it.
+
+    An advisory `flock` on `path/.lock` (released by the kernel when the process
+    ends, however it ends, so a killed run leaves no stale lock).
+    """
+    if path in _locks:
+        return
+    lock = open(path / ".lock", "a+")  # noqa: SIM115 (held until exit)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        raise RecipeError(f"{path} is in use by process {owner}; wait for it to finish "
+                          "or pass another --workdir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _locks[path] = lock
+
+
+def start_run(config: Any, workdir: str,
+              strategy: tf.distribute.Strategy | None = None) -> pathlib.Path:
+    """Prepares and locks the workdir, writes the resolved `config.json`, seeds everything.
+
+    Returns the directory this process writes to: `workdir` for the chief;
+    for the other workers of a multi-worker run, their own scratch directory
+    `workdir/workers/<task>` (backups and checkpoints, which every worker
+    needs to resume; nothing there is a result).
+    """
+    path = prepare_workdir(workdir)
+    strategy = strategy or tf.distribute.get_strategy()
+    if not is_chief(strategy):
+        resolver = strategy.cluster_resolver
+        path = prepare_workdir(path / "workers" / f"{resolver.task_type}-{resolver.task_id}")
+    lock_workdir(path)
+    write_json(path / "config.json", config.to_dict())
+    keras.utils.set_random_seed(config.seed)
+    return path
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+    """Writes JSON atomically: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: pathlib.Path) -> Any:
+    """A JSON file this project wrote; `RecipeError` naming it if it is damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path} is damaged ({type(e).__name__}: {e}); delete it "
+                          "(or its run directory) and rerun") from None

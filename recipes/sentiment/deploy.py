@@ -1,0 +1,160 @@
+"""Deployment artifacts of a finished run, and predictions and accuracy with any of them.
+
+`export(workdir, formats)` writes `WORKDIR/deploy/`: the token-id models
+(`recipes.common.deploy`: TFLite float / dynamic-range / int8, ONNX), with
+`vocab.txt` and `tokenizer.json` beside them (`tokenizer.Tokenizer` reads
+them: the export's tokenization in plain Python). Padding never changes a
+review's result: the TFLite models take one review at its true length (batch
+1, no padding, so no mask: what TFLite's fused LSTM op needs); the ONNX model
+takes right-padded batches of any size (0 = padding), its LSTMs skipping the
+padding (`sequence_lens`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from recipes.common import checkpoints, deploy, exports, workdirs
+from recipes.common.errors import RecipeError
+from recipes.sentiment import input_pipeline
+from recipes.sentiment import model as models
+from recipes.sentiment.tokenizer import Tokenizer
+
+REPRESENTATIVE_REVIEWS = 200  # int8 calibration: training reviews, each at its true length
+
+
+def finished_run(workdir: str) -> tuple[pathlib.Path, Any]:
+    """A workdir with a trained model (best checkpoint), and its config."""
+    path = pathlib.Path(workdir).expanduser().resolve()
+    needed = [path / "config.json", path / "vocab.txt", checkpoints.best_checkpoint(path)]
+    missing = [p for p in needed if not p.exists()]
+    if missing:
+        raise RecipeError(f"{path} holds no trained sentiment model ({missing[0].name} is "
+                          "missing); pass the --workdir of a finished training run")
+    return path, ml_collections.ConfigDict(workdirs.read_json(path / "config.json"))
+
+
+def token_model(config: Any, workdir: pathlib.Path, batch_size: int | None = None,
+                masked: bool = True) -> keras.Model:
+    """The trained model on token ids (best checkpoint); `masked=False`: no padding mask."""
+    model = models.create_model(config, batch_size=batch_size, mask_zero=masked)
+    model.load_weights(checkpoints.best_checkpoint(workdir))
+    return model
+
+
+def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
+    """Writes the `formats` of `workdir`'s model into `workdir/deploy/`; returns their paths."""
+    formats = deploy.check_formats(formats)
+    path, config = finished_run(workdir)
+    workdirs.lock_workdir(path)
+    out = path / "deploy"
+    out.mkdir(exist_ok=True)
+    vocab = (path / "vocab.txt").read_text(encoding="utf-8")
+    tokenizer = Tokenizer(vocab.split("\n"), config.max_length)
+    one_review = token_model(config, path, batch_size=1, masked=False)
+    written = {}
+    for name in formats:
+        if name == "onnx":
+            model = token_model(config, path)
+            content = deploy.onnx(deploy.named_outputs(model), [
+                tf.TensorSpec([None, None], tf.int64, name="tokens")])
+        else:
+            quantization = name.removeprefix("tflite").removeprefix("_")
+            content = deploy.tflite(one_review, quantization,
+                                    lambda: _representative(config, tokenizer))
+            if deploy.unwanted_ops(content):
+                raise AssertionError(f"{name}: {deploy.unwanted_ops(content)}")
+        written[name] = deploy.write(content, out / deploy.FILES[name])
+    deploy.write(vocab.encode("utf-8"), out / "vocab.txt")
+    empty = float(token_model(config, path)(np.zeros((1, 1), np.int64))[0, 0])
+    deploy.write(json.dumps({"max_length": config.max_length, "empty_probability": empty},
+                            indent=2).encode(), out / "tokenizer.json")
+    return written
+
+
+def _representative(config: Any, tokenizer: Tokenizer) -> Any:
+    """Calibration inputs for int8: training reviews, one at a time at their true lengths."""
+    train, _, _ = input_pipeline.load_splits(config)
+    for text, _ in train.take(REPRESENTATIVE_REVIEWS):
+        ids = tokenizer.ids(text.numpy().decode("utf-8"))
+        if ids:
+            yield {"tokens": np.array([ids], np.int64)}
+
+
+def config_of(model_path: str) -> Any:
+    """The config of the run a model belongs to (`config.json` in a directory above it)."""
+    path = pathlib.Path(model_path).expanduser().resolve()
+    for parent in list(path.parents)[:3]:
+        if (parent / "config.json").is_file():
+            return ml_collections.ConfigDict(workdirs.read_json(parent / "config.json"))
+    raise RecipeError(f"no config.json above {path}; pass a model inside a run's workdir "
+                      "(WORKDIR/export/N or WORKDIR/deploy/FILE)")
+
+
+def print_predictions(model_path: str, texts: list[str]) -> None:
+    """Prints `label  probability  text` for each text."""
+    if not texts:
+        raise RecipeError('predict needs texts: predict --model=PATH "text" ...')
+    for text, p in zip(texts, predictor(model_path)(texts), strict=True):
+        print(f"{'positive' if p >= 0.5 else 'negative'}\t{p:.4f}\t{text[:70]!r}")
+
+
+def predictor(model_path: str) -> Callable[[list[str]], np.ndarray]:
+    """P(positive) of texts with a SavedModel (raw text in) or a deployed model file.
+
+    Deployed models get the texts tokenized by `Tokenizer`, TFLite one at a
+    time, ONNX as one right-padded batch. A text with no tokens has no
+    sequence to run: it gets `empty_probability` (the SavedModel's answer).
+    """
+    path = pathlib.Path(model_path).expanduser()
+    if path.is_dir():
+        serve = tf.saved_model.load(str(exports.latest_export(str(path)))).signatures[
+            "serving_default"]
+        return lambda texts: serve(text=tf.constant(texts))["probability"].numpy()
+    model = deploy.Model(path)
+    try:
+        tokenizer = Tokenizer.from_dir(path.parent)
+        empty = json.loads((path.parent / "tokenizer.json").read_text())["empty_probability"]
+    except (OSError, ValueError, KeyError) as e:
+        raise RecipeError(f"no tokenizer beside {path} ({e}); deploy directories hold "
+                          "vocab.txt and tokenizer.json (`export` writes them)") from None
+
+    def predict(texts: list[str]) -> np.ndarray:
+        ids = [tokenizer.ids(t) for t in texts]
+        probabilities = np.full(len(texts), empty, np.float32)
+        if model.format == "tflite":
+            for k, row in enumerate(ids):
+                if row:
+                    out = model(tokens=np.array([row], np.int64))["probability"]
+                    probabilities[k] = out.reshape(-1)[0]
+            return probabilities
+        real = [k for k, row in enumerate(ids) if row]
+        if real:
+            width = max(len(ids[k]) for k in real)
+            batch = np.zeros((len(real), width), np.int64)
+            for j, k in enumerate(real):
+                batch[j, :len(ids[k])] = ids[k]
+            probabilities[real] = model(tokens=batch)["probability"].reshape(-1)
+        return probabilities
+
+    return predict
+
+
+def accuracy(model_path: str, config: Any, split: str, batch_size: int = 256) -> dict:
+    """Accuracy of any format on a split of the run's dataset (raw texts through `predictor`)."""
+    predict = predictor(model_path)
+    (data,) = input_pipeline.load_texts(config, [split])
+    correct = total = 0
+    for texts, labels in data.batch(batch_size):
+        batch = [t.decode("utf-8") for t in texts.numpy()]
+        correct += int(np.sum((predict(batch) >= 0.5) == labels.numpy().astype(bool)))
+        total += len(batch)
+    return {"accuracy": correct / max(total, 1), "examples": total}

@@ -1,0 +1,52 @@
+"""The recipe's tokenization in plain Python, for the deployed (token-id) models.
+
+The same as the export's in-graph `TextVectorization` (`input_pipeline`), so a
+text gets the same ids on a device as in the SavedModel (tested on IMDB):
+
+1. lower case (ASCII letters only, as `tf.strings.lower`);
+2. HTML line breaks (`<br>`, `<br />`) and ASCII punctuation to spaces;
+3. tokens: runs of non-space characters (spaces: ASCII ` \\t\\n\\v\\f\\r`);
+4. ids: 0 is padding, 1 an unknown token, and line k (from 0) of `vocab.txt`
+   is id k + 2; the first `max_length` ids are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_BREAK = re.compile(r"<br[\t\n\f\r ]*/?>")  # RE2's \s: [\t\n\f\r ]
+_PUNCTUATION = re.compile(r"[!-/:-@\[-`{-~]")  # POSIX [[:punct:]] in ASCII
+_SPACES = re.compile(r"[ \t\n\v\f\r]+")
+
+PADDING, UNKNOWN = 0, 1
+
+
+def standardize(text: str) -> str:
+    """`input_pipeline.standardize` in Python."""
+    text = _BREAK.sub(" ", text.translate(_LOWER))
+    return _PUNCTUATION.sub(" ", text)
+
+
+class Tokenizer:
+    """Text → token ids, as the export's in-graph tokenization."""
+
+    def __init__(self, vocab: list[str], max_length: int) -> None:
+        self.ids_of = {token: k + 2 for k, token in enumerate(vocab)}
+        self.max_length = max_length
+
+    @classmethod
+    def from_dir(cls, directory: pathlib.Path) -> Tokenizer:
+        """The tokenizer of a deploy directory (`vocab.txt`, `tokenizer.json`)."""
+        settings = json.loads((directory / "tokenizer.json").read_text())
+        vocab = (directory / "vocab.txt").read_text(encoding="utf-8").split("\n")
+        return cls(vocab, settings["max_length"])
+
+    def tokens(self, text: str) -> list[str]:
+        return [t for t in _SPACES.split(standardize(text)) if t]
+
+    def ids(self, text: str) -> list[int]:
+        """The ids of `text`'s first `max_length` tokens (no padding)."""
+        return [self.ids_of.get(t, UNKNOWN) for t in self.tokens(text)[:self.max_length]]
