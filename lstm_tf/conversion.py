@@ -95,7 +95,7 @@ def composite(go_backwards: bool) -> tf.types.experimental.GenericFunction:
     def lstm(inputs, init_h, init_c, kernel, recurrent_kernel, bias):  # noqa: ANN001, ANN202
         last_output, outputs, (h, c) = fused_lib.run(
             inputs, kernel, recurrent_kernel, bias, go_backwards, [init_h, init_c],
-            None, zero_output_for_mask=False, training=False)
+            None, zero_output_for_mask=False, training=False, final_cell=False)
         return last_output, outputs, h, c, tf.constant(0.0)
 
     return tf.function(lstm, autograph=False, experimental_attributes=attributes)

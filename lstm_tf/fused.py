@@ -32,8 +32,10 @@ import tensorflow as tf
 
 
 def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-               recurrent_kernel: tf.Tensor, bias: tf.Tensor, training: bool = True) -> tuple:
-    """All hidden states of one LSTM of M units, and its final state; differentiable.
+               recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
+    """All hidden states of one LSTM of M units, and its final state, for training.
+
+    The loop keeps the gate activations for its hand-written gradient.
 
     Args:
         xw: `[T, B, 4M]`, x_t·W for every step (gate order i, f, c, o).
@@ -41,15 +43,12 @@ def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
         h0, c0: `[B, M]` initial states.
         recurrent_kernel: `[M, 4M]`.
         bias: `[4M]` (added inside the loop, where it costs nothing).
-        training: keep the gate activations for the gradient; else keep
-            nothing and recompute them if a gradient is asked for.
 
     Returns:
         `(H, h, C)`: H `[T, B, M]` h_t after every step; h, C `[B, M]` the state
         after each sequence's last real step (the initial state for length 0).
     """
-    return (_recurrence_keeping_gates if training else _recurrence_recomputing)(
-        xw, lengths, h0, c0, recurrent_kernel, bias)
+    return _recurrence_keeping_gates(xw, lengths, h0, c0, recurrent_kernel, bias)
 
 
 # (The compiled functions are called on `tf.stop_gradient`-ed inputs: a
@@ -67,15 +66,78 @@ def _recurrence_keeping_gates(xw, lengths, h0, c0, recurrent_kernel, bias):
     return (hs, h, c), grad
 
 
-@tf.custom_gradient
-def _recurrence_recomputing(xw, lengths, h0, c0, recurrent_kernel, bias):
-    def grad(d_hs, d_h, d_c):
-        hs, _, _, cs, gates = _compiled(h0.shape[-1]).forward_keeping_gates(
-            xw, lengths, h0, c0, recurrent_kernel, bias)
-        return _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel)
+def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
+              c0: tf.Tensor, recurrent_kernel: tf.Tensor, bias: tf.Tensor,
+              final_cell: bool = True) -> tuple:
+    """All hidden states of one LSTM, and its final cell state, for inference.
 
-    return _compiled(h0.shape[-1]).forward(
-        *_unwatched(xw, lengths, h0, c0, recurrent_kernel, bias)), grad
+    One compiled function does it all, the input projection included (XLA's
+    matmul measured faster than TensorFlow's here), and keeps nothing; the time
+    axis is padded to a multiple of `TIME_BUCKET` steps (the loop stops at the
+    real length), so that sequences of any length share a few compilations.
+    A gradient, if asked for, goes through the training path.
+
+    Args:
+        x: `[B, T, D]` inputs in the order they are read.
+        kernel, recurrent_kernel, bias: the weights.
+        lengths: `[B]` int32, the real steps of each (right-padded) sequence.
+        h0, c0: `[B, M]` initial states.
+        final_cell: also take C after each sequence's last real step (else C_0).
+
+    Returns:
+        `(H, h, C)`: H `[B, T, M]` h_t after every step, h and C `[B, M]` the
+        state after each sequence's last real step (C_0 without `final_cell`).
+    """
+    steps = tf.shape(x)[1]
+    padded = tf.maximum((steps + TIME_BUCKET - 1) // TIME_BUCKET, 1) * TIME_BUCKET
+    x = tf.pad(x, [[0, 0], [0, padded - steps], [0, 0]])
+    compiled = _compiled(h0.shape[-1])
+    forward = compiled.infer_final_cell if final_cell else compiled.infer
+
+    @tf.custom_gradient
+    def infer(x, kernel, h0, c0, recurrent_kernel, bias):  # noqa: ANN001, ANN202
+        hs, c = forward(*_unwatched(x, kernel, lengths, h0, c0, recurrent_kernel, bias),
+                        steps)
+
+        def grad(d_hs, d_c):  # noqa: ANN001, ANN202 (rare: through the training path)
+            watched = [x, kernel, h0, c0, recurrent_kernel, bias]
+            with tf.GradientTape() as tape:
+                tape.watch(watched)
+                xw = tf.einsum("btd,dg->tbg", x, kernel)
+                hs, _, c = recurrence(xw, lengths, h0, c0, recurrent_kernel, bias)
+                outputs = [tf.transpose(hs, [1, 0, 2]), c]
+            upstream = [tf.zeros_like(o) if d is None else d  # (None would mean ones)
+                        for o, d in zip(outputs, [d_hs, d_c], strict=True)]
+            return tape.gradient(outputs, watched, output_gradients=upstream)
+
+        return (hs, c), grad
+
+    hs, c = infer(x, kernel, h0, c0, recurrent_kernel, bias)
+    # h after each sequence's last real step (h_0 for an empty one); `hs` has steps.
+    h = tf.gather(hs, tf.maximum(lengths - 1, 0), axis=1, batch_dims=1)
+    return hs[:, :steps], tf.where((lengths > 0)[:, None], h, h0), c
+
+
+TIME_BUCKET = 32  # inference compiles once per batch size and 32 steps of length
+
+
+def _infer(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
+           c0: tf.Tensor, recurrent_kernel: tf.Tensor, bias: tf.Tensor, steps: tf.Tensor,
+           final_cell: bool) -> tuple:
+    """`inference`'s compiled body: `(H [B, T, M], C [B, M])`, the loop run `steps` times."""
+    # Batch-major: x·W as one 2-D matmul (an einsum to time-major measured 1.6x slower).
+    xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
+                    tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))
+
+    def body(t, h, c, c_last):
+        h, c, _ = _step(xw[:, t], h, c, recurrent_kernel, bias)
+        if final_cell:
+            c_last = tf.where((t < lengths)[:, None], c, c_last)
+        return (h, c, c_last), (h,)
+
+    (_, _, c_last), (hs,) = _loop(steps, body, [h0, c0, c0], [(h0, h0.shape[-1])],
+                                  size=x.shape[1])
+    return tf.transpose(hs, [1, 0, 2]), c_last
 
 
 def _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel) -> tuple:
@@ -104,8 +166,9 @@ class _Compiled:
 
     def __init__(self) -> None:
         jit = functools.partial(tf.function, jit_compile=True, reduce_retracing=True)
-        self.forward = jit(functools.partial(_forward, keep_gates=False))
-        self.forward_keeping_gates = jit(functools.partial(_forward, keep_gates=True))
+        self.forward_keeping_gates = jit(_forward)
+        self.infer = jit(functools.partial(_infer, final_cell=False))
+        self.infer_final_cell = jit(functools.partial(_infer, final_cell=True))
         self.backward = jit(_backward)
 
 
@@ -134,15 +197,17 @@ def _step(x_w: tf.Tensor, h: tf.Tensor, c: tf.Tensor, recurrent_kernel: tf.Tenso
 
 
 def _loop(steps: tf.Tensor, body: Any, state: list, outputs: list[tuple[tf.Tensor, int]],
-          reverse: bool = False) -> tuple:
+          reverse: bool = False, size: Any = None) -> tuple:
     """Runs `body(t, *state) -> (state, per_step_outputs)` for t < steps.
 
-    `reverse`: from the last step to the first.
+    `reverse`: from the last step to the first. `size`: the length of the
+    outputs (default `steps`; past `steps` they are zeros).
 
     Returns the final state and the per-step outputs stacked in step order,
     `[T, B, width]` for each `(example, width)` in `outputs`.
     """
-    arrays = [tf.TensorArray(like.dtype, size=steps, element_shape=[like.shape[0], width])
+    arrays = [tf.TensorArray(like.dtype, size=steps if size is None else size,
+                             element_shape=[like.shape[0], width])
               for like, width in outputs]
 
     def loop_body(k, *carried):
@@ -157,21 +222,19 @@ def _loop(steps: tf.Tensor, body: Any, state: list, outputs: list[tuple[tf.Tenso
 
 
 def _forward(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-             recurrent_kernel: tf.Tensor, bias: tf.Tensor, keep_gates: bool) -> tuple:
-    """`(H, h, C)` as `recurrence` returns them; with `keep_gates`, `(H, h, C, Cs, G)`.
+             recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
+    """`(H, h, C, Cs, G)`: `recurrence`'s outputs, and what the backward pass needs.
 
-    Cs `[T, B, M]` every C_t, and G `[T, B, 4M]` the gates i, f, C̃, o of every
-    step: what the backward pass needs.
+    Cs `[T, B, M]` every C_t, and G `[T, B, 4M]` the gates i, f, C̃, o of every step.
     """
     def body(t, h, c, h_last, c_last):
         h, c, gates = _step(xw[t], h, c, recurrent_kernel, bias)
         real = (t < lengths)[:, None]
-        kept = (h, c, gates) if keep_gates else (h,)
-        return (h, c, tf.where(real, h, h_last), tf.where(real, c, c_last)), kept
+        return (h, c, tf.where(real, h, h_last), tf.where(real, c, c_last)), (h, c, gates)
 
     m = h0.shape[-1]
-    widths = [(h0, m), (c0, m), (h0, 4 * m)] if keep_gates else [(h0, m)]
-    (_, _, h, c), kept = _loop(tf.shape(xw)[0], body, [h0, c0, h0, c0], widths)
+    (_, _, h, c), kept = _loop(tf.shape(xw)[0], body, [h0, c0, h0, c0],
+                               [(h0, m), (c0, m), (h0, 4 * m)])
     return (kept[0], h, c, *kept[1:])
 
 
@@ -204,7 +267,7 @@ def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, lengths: tf.Tenso
 
 def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backwards: bool,
         initial_state: list[Any], lengths: tf.Tensor | None,
-        zero_output_for_mask: bool, training: bool = True) -> tuple:
+        zero_output_for_mask: bool, training: bool = True, final_cell: bool = True) -> tuple:
     """One LSTM over `x` with `keras.layers.RNN`'s semantics, on the fused path.
 
     Args:
@@ -214,16 +277,38 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
         initial_state: `[h0, c0]`.
         lengths: `[B]` real lengths of right-padded sequences, or None.
         zero_output_for_mask: outputs at masked steps are 0 (else the last output).
-        training: see `recurrence`.
+        training: keep what the gradient needs (`recurrence`); else `inference`.
+        final_cell: at inference, whether the final C is needed (else C_0 is returned).
 
     Returns:
         `(last_output, outputs, [h, c])` as `keras.layers.RNN.inner_loop` returns
         them (outputs in the order the steps were read).
     """
     h0, c0 = (tf.convert_to_tensor(s) for s in initial_state)
+    kernel, recurrent_kernel = tf.convert_to_tensor(kernel), tf.convert_to_tensor(recurrent_kernel)
+    bias = tf.zeros(kernel.shape[-1:], kernel.dtype) if bias is None else tf.convert_to_tensor(bias)
     shape = x.shape[:2].concatenate(recurrent_kernel.shape[:1])  # [B, T, U], as far as known
     if go_backwards:
         x = tf.reverse(x, [1]) if lengths is None else tf.reverse_sequence(x, lengths, 1, 0)
+    steps = x.shape[1] or tf.shape(x)[1]
+    masked = lengths is not None
+    lengths = tf.cast(lengths, tf.int32) if masked else tf.fill(tf.shape(h0)[:1], steps)
+    if training:
+        h_seq, h_last, c_last = _training(x, kernel, lengths, h0, c0, recurrent_kernel, bias)
+    else:
+        h_seq, h_last, c_last = inference(x, kernel, lengths, h0, c0, recurrent_kernel,
+                                          bias, final_cell)
+    # (The compiled loops are traced for any shape: the static shapes are the call's.)
+    h_seq = with_shape(h_seq, shape)
+    h_last, c_last = (with_shape(t, shape[::2]) for t in (h_last, c_last))
+    last_output, outputs = keras_outputs(h_seq, h_last, lengths if masked else None,
+                                         go_backwards, zero_output_for_mask)
+    return last_output, outputs, [h_last, c_last]
+
+
+def _training(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
+              c0: tf.Tensor, recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
+    """`recurrence` from batch-major inputs: `(H [B, T, M], h, C)`."""
     steps = x.shape[1] or tf.shape(x)[1]
     maybe_empty = not x.shape[1]
     if maybe_empty:
@@ -233,28 +318,13 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
         x = tf.pad(x, [[0, 0], [0, tf.cast(steps == 0, tf.int32)], [0, 0]])
     # x_t·W for all steps, time-major, as one 2-D matmul (its gradients too;
     # `einsum` measured 1.2-2.7x slower here).
-    kernel = tf.convert_to_tensor(kernel)
     x = tf.transpose(x, [1, 0, 2])
-    xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), kernel),
-                    tf.concat([tf.shape(x)[:2], kernel.shape[-1:]], 0))
-    bias = tf.zeros(kernel.shape[-1:], kernel.dtype) if bias is None else tf.convert_to_tensor(bias)
-    hs, h_last, c_last = recurrence(
-        xw, tf.fill(tf.shape(h0)[:1], steps) if lengths is None else tf.cast(lengths, tf.int32),
-        h0, c0, tf.convert_to_tensor(recurrent_kernel), bias, training)
+    xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
+                    tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))
+    hs, h_last, c_last = recurrence(xw, lengths, h0, c0, recurrent_kernel, bias)
     if maybe_empty:
         hs = hs[:steps]
-    # (The compiled loops are traced for any shape: the static shapes are the call's.)
-    h_seq = with_shape(tf.transpose(hs, [1, 0, 2]), shape)
-    h_last, c_last = (with_shape(t, shape[::2]) for t in (h_last, c_last))
-    last_output, outputs = keras_outputs(h_seq, h_last, lengths, go_backwards,
-                                         zero_output_for_mask)
-    return last_output, outputs, [h_last, c_last]
-
-
-def with_shape(tensor: tf.Tensor, shape: tf.TensorShape) -> tf.Tensor:
-    """`tensor` with its static shape refined to `shape` (no op in the graph)."""
-    tensor.set_shape(shape)
-    return tensor
+    return tf.transpose(hs, [1, 0, 2]), h_last, c_last
 
 
 def keras_outputs(h_seq: tf.Tensor, h_last: tf.Tensor, lengths: tf.Tensor | None,
@@ -294,3 +364,9 @@ def right_padded_lengths(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     lengths = tf.reduce_sum(tf.cast(mask, tf.int32), 1)
     right_padded = tf.reduce_all(tf.equal(mask, tf.sequence_mask(lengths, tf.shape(mask)[1])))
     return lengths, right_padded
+
+
+def with_shape(tensor: tf.Tensor, shape: tf.TensorShape) -> tf.Tensor:
+    """`tensor` with its static shape refined to `shape` (no op in the graph)."""
+    tensor.set_shape(shape)
+    return tensor

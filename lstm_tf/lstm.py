@@ -192,7 +192,8 @@ class LSTM(keras.layers.RNN):
         return fused_lib.run(
             sequences, cell.kernel, cell.recurrent_kernel,
             cell.bias, self.go_backwards, list(initial_state), lengths,
-            self.zero_output_for_mask, bool(training))
+            self.zero_output_for_mask, bool(training),
+            final_cell=self.return_state or self.stateful)
 
     def build(self, sequences_shape: tuple, initial_state_shape: Any = None) -> None:
         if len(sequences_shape) != 3:
