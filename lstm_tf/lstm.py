@@ -143,7 +143,7 @@ class LSTM(keras.layers.RNN):
             if not reasons:
                 return conversion.run(self, sequences, list(initial_state),
                                       final_cell_state=self.return_state or self.stateful)
-            if sequences.shape[0] is not None:  # a fixed batch size: built for a device?
+            if self._batch_size_at_build is not None:  # a fixed batch size: for a device?
                 conversion.warn_unfusable(self, reasons)
         if not self.uses_fused_path(training):
             return self._step_loop(sequences, initial_state, mask, training)
@@ -201,6 +201,9 @@ class LSTM(keras.layers.RNN):
                 f"{self.__class__.__name__} expects inputs of shape (batch, "
                 f"timesteps, features); got shape {tuple(sequences_shape)}."
             )
+        # (A model built with a fixed batch size is likely meant for TFLite: then
+        # calls the fused op cannot express are warned about.)
+        self._batch_size_at_build = sequences_shape[0]
         super().build(sequences_shape, initial_state_shape)
 
     def call(

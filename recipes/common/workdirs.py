@@ -16,7 +16,7 @@ import tensorflow as tf
 from recipes.common.distribute import is_chief
 from recipes.common.errors import RecipeError
 
-_locks: dict[pathlib.Path, Any] = {}  # open lock files, held until the process exits
+_locks: dict[pathlib.Path, Any] = {}  # open lock files: held until released or exit
 
 
 def default_workdir(recipe: str) -> str:
@@ -40,7 +40,8 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
 
 
 def lock_workdir(path: pathlib.Path) -> None:
-    """Claims `path` for this process until it exits; `RecipeError` if another has it.
+    """Claims `path` for this process (until `unlock_workdir` or exit); `RecipeError`
+    if another process has it.
 
     An advisory `flock` on `path/.lock` (released by the kernel when the process
     ends, however it ends, so a killed run leaves no stale lock).
@@ -61,6 +62,13 @@ def lock_workdir(path: pathlib.Path) -> None:
     lock.write(str(os.getpid()))
     lock.flush()
     _locks[path] = lock
+
+
+def unlock_workdir(path: pathlib.Path) -> None:
+    """Releases `lock_workdir(path)` (the end of a run or an export; exiting also does)."""
+    lock = _locks.pop(path, None)
+    if lock is not None:
+        lock.close()
 
 
 def start_run(config: Any, workdir: str,

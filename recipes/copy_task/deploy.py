@@ -42,8 +42,9 @@ def predictions_model(config: Any, path: pathlib.Path, batch_size: int | None = 
     """The trained model with its logits turned into `predictions` (argmax per step)."""
     model = models.create_model(config, batch_size=batch_size)
     model.load_weights(checkpoints.best_checkpoint(path))
+    # (tf.argmax: keras.ops.argmax adds a BitwiseAnd, which TFLite has no kernel for.)
     predictions = keras.layers.Lambda(
-        lambda logits: keras.ops.cast(keras.ops.argmax(logits, axis=-1), "int32"),
+        lambda logits: tf.argmax(logits, axis=-1, output_type=tf.int32),
         name="predictions")(model.outputs[0])
     return keras.Model(model.inputs, predictions)
 
@@ -67,6 +68,7 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
             if deploy.unwanted_ops(content):
                 raise AssertionError(f"{name}: {deploy.unwanted_ops(content)}")
         written[name] = deploy.write(content, out / deploy.FILES[name])
+    workdirs.unlock_workdir(path)
     return written
 
 

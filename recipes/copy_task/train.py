@@ -241,6 +241,7 @@ def train_and_evaluate(config: Any, workdir: str,
     metrics["train_seconds"] = round(train_seconds, 1)
     metrics["wall_seconds"] = round(time.time() - start, 1)
     workdirs.write_json(workdir / "metrics.json", metrics)
+    workdirs.unlock_workdir(workdir)
     logging.info("held-out loss %.4f (baseline %.4f), copied-symbol accuracy %.4f; exported to %s",
                  evaluation["loss"], baseline, evaluation["copied_accuracy"],
                  metrics.get("export"))

@@ -78,6 +78,7 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
                                        "num_layers")}
     deploy.write(json.dumps(settings, indent=2, ensure_ascii=False).encode("utf-8"),
                  out / "tokenizer.json")
+    workdirs.unlock_workdir(path)
     return written
 
 

@@ -200,5 +200,6 @@ def train_and_evaluate(config: Any, workdir: str,
     metrics["train_seconds"] = round(train_seconds, 1)
     metrics["wall_seconds"] = round(time.time() - start, 1)
     workdirs.write_json(workdir / "metrics.json", metrics)
+    workdirs.unlock_workdir(workdir)
     logging.info("test %s; exported to %s", metrics["test"], exported)
     return metrics

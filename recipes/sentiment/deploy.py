@@ -77,6 +77,7 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
     empty = float(token_model(config, path)(np.zeros((1, 1), np.int64))[0, 0])
     deploy.write(json.dumps({"max_length": config.max_length, "empty_probability": empty},
                             indent=2).encode(), out / "tokenizer.json")
+    workdirs.unlock_workdir(path)
     return written
 
 

@@ -111,6 +111,7 @@ def train_and_evaluate(config: Any, workdir: str,
     metrics["train_seconds"] = round(train_seconds, 1)
     metrics["wall_seconds"] = round(time.time() - start, 1)
     workdirs.write_json(workdir / "metrics.json", metrics)
+    workdirs.unlock_workdir(workdir)
     logging.info("test accuracy %.4f; exported to %s", metrics["test"]["accuracy"],
                  metrics.get("export"))
     return metrics
