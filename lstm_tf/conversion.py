@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import logging
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
@@ -195,9 +196,17 @@ def to_onnx(function: Callable[..., Any], input_signature: list[tf.TensorSpec],
     import tf2onnx  # an optional dependency: only for ONNX
 
     traced = tf.function(lambda *args: function(*args), input_signature=input_signature)
-    with onnx_graph():
-        proto, _ = tf2onnx.convert.from_function(traced, input_signature=input_signature,
-                                                 opset=opset)
+    # (tf2onnx logs its progress, and that a backward LSTM it could not pair with a
+    # forward one into a bidirectional op stays on its own: both are fine here.)
+    log = logging.getLogger("tf2onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with onnx_graph():
+            proto, _ = tf2onnx.convert.from_function(traced, input_signature=input_signature,
+                                                     opset=opset)
+    finally:
+        log.setLevel(level)
     return proto
 
 

@@ -91,34 +91,47 @@ def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
     steps = tf.shape(x)[1]
     padded = tf.maximum((steps + TIME_BUCKET - 1) // TIME_BUCKET, 1) * TIME_BUCKET
     x = tf.pad(x, [[0, 0], [0, padded - steps], [0, 0]])
-    compiled = _compiled(h0.shape[-1])
-    forward = compiled.infer_final_cell if final_cell else compiled.infer
-
-    @tf.custom_gradient
-    def infer(x, kernel, h0, c0, recurrent_kernel, bias):  # noqa: ANN001, ANN202
-        hs, c = forward(*_unwatched(x, kernel, lengths, h0, c0, recurrent_kernel, bias),
-                        steps)
-
-        def grad(d_hs, d_c):  # noqa: ANN001, ANN202 (rare: through the training path)
-            watched = [x, kernel, h0, c0, recurrent_kernel, bias]
-            with tf.GradientTape() as tape:
-                tape.watch(watched)
-                xw = tf.einsum("btd,dg->tbg", x, kernel)
-                hs, _, c = recurrence(xw, lengths, h0, c0, recurrent_kernel, bias)
-                outputs = [tf.transpose(hs, [1, 0, 2]), c]
-            upstream = [tf.zeros_like(o) if d is None else d  # (None would mean ones)
-                        for o, d in zip(outputs, [d_hs, d_c], strict=True)]
-            return tape.gradient(outputs, watched, output_gradients=upstream)
-
-        return (hs, c), grad
-
-    hs, c = infer(x, kernel, h0, c0, recurrent_kernel, bias)
+    hs, c = _INFERENCE[final_cell](x, kernel, lengths, h0, c0, recurrent_kernel, bias, steps)
     # h after each sequence's last real step (h_0 for an empty one); `hs` has steps.
     h = tf.gather(hs, tf.maximum(lengths - 1, 0), axis=1, batch_dims=1)
     return hs[:, :steps], tf.where((lengths > 0)[:, None], h, h0), c
 
 
 TIME_BUCKET = 32  # inference compiles once per batch size and 32 steps of length
+
+
+def _differentiable_inference(final_cell: bool) -> Any:
+    """The compiled inference, with a gradient (rarely wanted) through the training path.
+
+    (Every tensor is an argument, none captured, so that a SavedModel keeps the
+    gradient: loading one warns about custom gradients it could not save.)
+    """
+    @tf.custom_gradient
+    def infer(x, kernel, lengths, h0, c0, recurrent_kernel, bias, steps):  # noqa: ANN001, ANN202
+        compiled = _compiled(h0.shape[-1])
+        forward = compiled.infer_final_cell if final_cell else compiled.infer
+        hs, c = forward(*_unwatched(x, kernel, lengths, h0, c0, recurrent_kernel, bias), steps)
+
+        def grad(d_hs, d_c):  # noqa: ANN001, ANN202
+            # The training path's forward loop, kept gates and backward loop.
+            d_hs = tf.zeros_like(hs) if d_hs is None else d_hs
+            d_c = tf.zeros_like(c) if d_c is None else d_c
+            xw = tf.einsum("btd,dg->tbg", x, kernel)
+            hs_t, _, _, cs, gates = compiled.forward_keeping_gates(
+                xw, lengths, h0, c0, recurrent_kernel, bias)
+            dz, _, dh0, dc0, d_recurrent, d_bias = _gradient(
+                tf.transpose(d_hs, [1, 0, 2]), tf.zeros_like(h0), d_c, lengths, hs_t, cs,
+                gates, h0, c0, recurrent_kernel)
+            dx = tf.einsum("tbg,dg->btd", dz, kernel)
+            d_kernel = tf.einsum("btd,tbg->dg", x, dz)
+            return dx, d_kernel, None, dh0, dc0, d_recurrent, d_bias, None
+
+        return (hs, c), grad
+
+    return infer
+
+
+_INFERENCE = {final_cell: _differentiable_inference(final_cell) for final_cell in (False, True)}
 
 
 def _infer(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,

@@ -311,3 +311,16 @@ def test_invalid_constructor_arguments():
         lstm_tf.LSTMCell(0)
     with pytest.raises(ValueError, match="dropout"):
         LSTM(U, dropout=1.5)
+
+
+def test_trains_with_keras_fit():
+    """A small model learns with `fit` (the sign of the last step's input), on both paths."""
+    keras.utils.set_random_seed(0)
+    x = _data(0, b=256, t=6, d=2)
+    y = (x[:, -1, 0] > 0).astype("float32")
+    model = keras.Sequential([keras.Input((6, 2)), LSTM(8),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(keras.optimizers.Adam(0.05), "binary_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, y, epochs=15, batch_size=64, verbose=0)
+    assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
+    assert history.history["accuracy"][-1] > 0.9

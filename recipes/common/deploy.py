@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pathlib
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,7 +57,9 @@ def tflite(model: keras.Model, quantization: str = "",
     `representative()` yields, `{input name: array}`; float inputs and outputs
     stay float).
     """
-    with tempfile.TemporaryDirectory() as saved:
+    with tempfile.TemporaryDirectory() as saved, warnings.catch_warnings():
+        # (TensorFlow's int8 calibration runs the deprecated tf.lite.Interpreter.)
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
         archive = keras.export.ExportArchive()
         archive.track(model)
         archive.add_endpoint("serve", named_outputs(model, output_names), input_signature=[

@@ -27,8 +27,9 @@ _MODEL = flags.DEFINE_string("model", None, "For `sample` and `score`: a SavedMo
                              "(WORKDIR/export or a version in it); `sample` also takes a "
                              "deployed model file (WORKDIR/deploy/model.tflite, ...).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Same as --model (a SavedModel export).")
-_FORMAT = flags.DEFINE_list("format", ",".join(deploy.FORMATS),
-                            f"For `export`: the formats to write ({', '.join(deploy.FORMATS)}).")
+FORMATS = [f for f in deploy.FORMATS if f != "tflite_int8"]
+_FORMAT = flags.DEFINE_list("format", ",".join(FORMATS),
+                            f"For `export`: the formats to write ({', '.join(FORMATS)}).")
 _PROMPT = flags.DEFINE_string("prompt", "", "For `sample`: the text to continue.")
 _NUM_TOKENS = flags.DEFINE_integer("num_tokens", 200, "For `sample`: tokens to generate.",
                                    lower_bound=0)

@@ -2,8 +2,8 @@
 
 `export(workdir, formats)` writes `WORKDIR/deploy/`: the step model as TFLite
 (batch 1, one token per call: token, h, c → logits, h, c, so that generation
-streams on a device with the state kept by the caller; float, dynamic-range,
-int8) and ONNX (any batch and length, with a mask: the same signature as the
+streams on a device with the state kept by the caller; float and dynamic-range)
+and ONNX (any batch and length, with a mask: the same signature as the
 SavedModel's step model), with `vocab.json` and `tokenizer.json` beside them.
 `Streamer` runs any of them from Python (tokenization included) and
 generates as the SavedModel's `generate` does.
@@ -23,10 +23,7 @@ import tensorflow as tf
 
 from recipes.common import checkpoints, deploy, exports, workdirs
 from recipes.common.errors import RecipeError
-from recipes.language_model import input_pipeline
 from recipes.language_model import model as models
-
-CALIBRATION_TOKENS = 400  # int8: states and tokens of this much training text
 
 
 def finished_run(workdir: str) -> tuple[pathlib.Path, Any, list[str]]:
@@ -54,6 +51,11 @@ def trained_step_model(config: Any, vocab: list[str], path: pathlib.Path,
 def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
     """Writes the `formats` of `workdir`'s model into `workdir/deploy/`; returns their paths."""
     formats = deploy.check_formats(formats)
+    if "tflite_int8" in formats:
+        raise RecipeError(
+            "--format=tflite_int8 is not offered for the language model: LiteRT 2.3 crashes "
+            "(a segmentation fault) running a full-integer LSTM whose state is a model "
+            "input; tflite_dynamic has int8 weights")
     path, config, vocab = finished_run(workdir)
     workdirs.lock_workdir(path)
     out = path / "deploy"
@@ -67,9 +69,8 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
             content = deploy.onnx(deploy.named_outputs(model, names), [
                 tf.TensorSpec(i.shape, i.dtype, name=i.name) for i in model.inputs])
         else:
-            quantization = name.removeprefix("tflite").removeprefix("_")
-            content = deploy.tflite(streaming, quantization,
-                                    lambda: _calibration(config, vocab, streaming), names)
+            content = deploy.tflite(streaming, name.removeprefix("tflite").removeprefix("_"),
+                                    output_names=names)
             if deploy.unwanted_ops(content):
                 raise AssertionError(f"{name}: {deploy.unwanted_ops(content)}")
         written[name] = deploy.write(content, out / deploy.FILES[name])
@@ -85,19 +86,6 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
 def output_names(config: Any) -> list[str]:
     """`logits`, then `h0_out, c0_out, h1_out, ...`: the deployed step model's outputs."""
     return ["logits", *(f"{k}{i}_out" for i in range(config.num_layers) for k in "hc")]
-
-
-def _calibration(config: Any, vocab: list[str], streaming: Any) -> Any:
-    """int8 calibration inputs: (token, states) as streaming the training text visits them."""
-    text = input_pipeline.read_splits(config)[0][:20 * CALIBRATION_TOKENS]
-    lookup = input_pipeline.make_lookup(config, vocab)
-    ids = input_pipeline.to_stream(text, lookup, config.level)[:CALIBRATION_TOKENS]
-    names = [f"{k}{i}" for i in range(config.num_layers) for k in "hc"]
-    states = [np.zeros((1, config.units), np.float32) for _ in names]
-    for token in ids:
-        inputs = [np.array([[token]], np.int32), *states]
-        yield dict(zip(["tokens", *names], inputs, strict=True))
-        _, *states = [np.asarray(o) for o in streaming(inputs, training=False)]
 
 
 class Streamer:
