@@ -17,6 +17,7 @@ import lstm_tf
 from configs import copy_task as copy_config
 from lstm_tf.diagnostics import state_gradient_norms
 from recipes.copy_task import input_pipeline
+from recipes.copy_task import model as models
 
 SMOKE = ["--config=configs/copy_task.py:smoke"]
 
@@ -34,25 +35,41 @@ def test_sequences_put_symbols_delimiter_and_copy_where_the_task_says():
     assert not inputs[10:109].any() and inputs[109] == 9 and not inputs[110:].any()
     assert not targets[:110].any()
     np.testing.assert_array_equal(targets[110:], symbols[0])
-    batches = input_pipeline.training_batches(config, tf.Variable(30))
+    batches = input_pipeline.training_symbols(config)
     first, again = next(iter(batches)), next(iter(batches))
-    np.testing.assert_array_equal(first[0], again[0])  # batch k is a function of (seed, k)
-    assert first[0].shape == (config.batch_size, 50)
-    symbols = first[0].numpy()[:, :10]
+    np.testing.assert_array_equal(first, again)  # batch k is a function of (seed, k)
+    assert first.shape == (config.batch_size, 10)
+    symbols = first.numpy()
     assert symbols.min() >= 1 and symbols.max() <= 8 and len(np.unique(symbols)) == 8
 
 
 def test_resumed_batches_continue_the_stream():
     """A run resumed after k batches trains on batch k next, as an uninterrupted run would."""
     config = copy_config.get_config("smoke")
-    delay = tf.Variable(7)
-    stream = list(input_pipeline.training_batches(config, delay).take(5))
-    resumed = list(input_pipeline.training_batches(config, delay, first_batch=3).take(2))
-    for (inputs, targets), (expected_inputs, expected_targets) in zip(
-            resumed, stream[3:], strict=True):
-        np.testing.assert_array_equal(inputs, expected_inputs)
-        np.testing.assert_array_equal(targets, expected_targets)
-    assert not np.array_equal(stream[0][0], stream[3][0])
+    stream = list(input_pipeline.training_symbols(config).take(5))
+    resumed = list(input_pipeline.training_symbols(config, first_batch=3).take(2))
+    for symbols, expected in zip(resumed, stream[3:], strict=True):
+        np.testing.assert_array_equal(symbols, expected)
+    assert not np.array_equal(stream[0], stream[3])
+
+
+def test_training_step_uses_the_delay_set_before_it():
+    """A curriculum change applies from the very next step (no batch laid out in advance).
+
+    Each step's loss (before its update) equals the model's loss on the batch laid
+    out at the delay current when the step ran.
+    """
+    config = copy_config.get_config("smoke")
+    model = models.create_model(config)
+    model.compile(keras.optimizers.SGD(0.0),  # no update: the model stays the same
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    symbols = next(iter(input_pipeline.training_symbols(config)))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    for delay in (7, 30, 12):
+        model.curriculum_delay.assign(delay)
+        reported = model.train_on_batch(symbols)
+        inputs, targets = input_pipeline.make_batch(symbols, delay, config.num_symbols)
+        assert reported == pytest.approx(float(loss(targets, model(inputs))), rel=1e-5)
 
 
 def test_baseline_is_the_memoryless_cross_entropy():

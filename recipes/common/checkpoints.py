@@ -135,9 +135,24 @@ def restorable_state(root: pathlib.Path, recover: bool = False) -> pathlib.Path:
 
 
 def completed_epochs(backup_dir: pathlib.Path) -> int:
-    """How many epochs the backup in `backup_dir` holds (0 without one)."""
-    metadata = restorable_state(backup_dir) / "training_metadata.json"
-    return read_json(metadata)["epoch"] if metadata.exists() else 0
+    """How many epochs the backup in `backup_dir` holds (0 without one).
+
+    A damaged backup is a `RecipeError` naming it and what to do.
+    """
+    state = restorable_state(backup_dir)
+    metadata = state / "training_metadata.json"
+    if not metadata.exists():
+        return 0
+    try:
+        return int(read_json(metadata)["epoch"])
+    except (RecipeError, KeyError, TypeError, ValueError) as e:
+        raise RecipeError(_damaged(state, backup_dir, e)) from None
+
+
+def _damaged(state: pathlib.Path, root: pathlib.Path, error: BaseException) -> str:
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (f"the backup in {state} is damaged ({cause}); delete {root} and rerun to train "
+            "from the start (checkpoints/ and export/ are kept)")
 
 
 class Backup(keras.callbacks.BackupAndRestore):
@@ -168,10 +183,7 @@ class Backup(keras.callbacks.BackupAndRestore):
             metadata = pathlib.Path(self._training_metadata_path)
             states = read_json(metadata).get("seed_states", {}) if metadata.exists() else {}
         except (OSError, ValueError, RecipeError) as e:
-            raise RecipeError(
-                f"the backup in {state} is damaged ({str(e).splitlines()[0]}); delete "
-                f"{self.root} and rerun to train from the start (checkpoints/ and export/ "
-                "are kept)") from None
+            raise RecipeError(_damaged(state, self.root, e)) from None
         for variable in _seed_states(self.model):
             if variable.path in states:
                 variable.assign(states[variable.path])

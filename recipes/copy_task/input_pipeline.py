@@ -43,20 +43,20 @@ def make_batch(symbols: tf.Tensor, delay: tf.Tensor, num_symbols: int
     return inputs, targets
 
 
-def training_batches(config: Any, delay: Any, first_batch: int = 0) -> tf.data.Dataset:
-    """Endless `(inputs, targets)` batches k = first_batch, ...; batch k is a function of (seed, k).
+def training_symbols(config: Any, first_batch: int = 0) -> tf.data.Dataset:
+    """Endless `[batch, copy_length]` symbol batches k = first_batch, ...: functions of (seed, k).
 
-    `delay` (a variable) is read for every batch, so a curriculum can change it
-    while training (the time dimension is `None`).
+    The training step lays them out at the curriculum's current delay
+    (`model.CopyModel`): a delay read here would be read ahead of time, by the
+    prefetching, before the curriculum changes it at the end of an epoch.
     """
-    def batch(k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        symbols = tf.random.stateless_uniform(
+    def symbols(k: tf.Tensor) -> tf.Tensor:
+        return tf.random.stateless_uniform(
             [config.batch_size, config.copy_length], seed=tf.stack([config.seed, k]),
             minval=1, maxval=config.num_symbols + 1, dtype=tf.int32)
-        return make_batch(symbols, tf.convert_to_tensor(delay), config.num_symbols)
 
     batches = tf.data.Dataset.counter(start=first_batch)
-    return batches.map(lambda k: batch(tf.cast(k, tf.int32))).prefetch(2)
+    return batches.map(lambda k: symbols(tf.cast(k, tf.int32))).prefetch(2)
 
 
 def held_out(config: Any) -> tuple[np.ndarray, np.ndarray]:

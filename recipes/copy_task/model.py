@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 import lstm_tf
 from recipes.copy_task import input_pipeline
@@ -35,10 +36,27 @@ def create_model(config: Any, batch_size: int | None = None) -> keras.Model:
         layer = {"rnn": keras.layers.SimpleRNN, "gru": keras.layers.GRU}[config.cell]
         rnn = layer(config.units, return_sequences=True, name="rnn")
     logits = keras.layers.Dense(vocab, name="logits")(rnn(x))
-    model = keras.Model(tokens, logits, name=f"copy_{config.cell}")
+    model = CopyModel(tokens, logits, name=f"copy_{config.cell}")
+    model.num_symbols = config.num_symbols
     model.curriculum_delay = keras.Variable(0, dtype="int32", trainable=False,
                                             name="curriculum_delay")
     return model
+
+
+class CopyModel(keras.Model):
+    """The copy model (functional), trained on symbol batches it lays out itself.
+
+    `fit` feeds it `[batch, copy_length]` symbols (`input_pipeline.training_symbols`);
+    each training step builds inputs and targets at `curriculum_delay` as it is
+    when the step runs, so a change of the curriculum applies from the next step
+    on. Evaluation takes ready `(inputs, targets)`.
+    """
+
+    def train_step(self, data: Any) -> Any:
+        symbols, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+        inputs, targets = input_pipeline.make_batch(
+            symbols, tf.convert_to_tensor(self.curriculum_delay), self.num_symbols)
+        return super().train_step((inputs, targets))
 
 
 def copied_accuracy(copy_length: int) -> Any:

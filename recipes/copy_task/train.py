@@ -195,8 +195,7 @@ def train_and_evaluate(config: Any, workdir: str,
     # A resumed run goes on with the batches after the ones its backup has seen.
     seen = config.steps_per_epoch * checkpoints.completed_epochs(
         checkpoints.backup_dir(workdir, strategy))
-    train_ds = distribute.shard_by_data(
-        input_pipeline.training_batches(config, model.curriculum_delay, first_batch=seen))
+    train_ds = distribute.shard_by_data(input_pipeline.training_symbols(config, first_batch=seen))
     eval_inputs, eval_targets = input_pipeline.held_out(config)
     eval_ds = distribute.shard_by_data(
         tf.data.Dataset.from_tensor_slices((eval_inputs, eval_targets)).batch(250))
@@ -219,15 +218,18 @@ def train_and_evaluate(config: Any, workdir: str,
               verbose=summaries.progress_verbosity())
     train_seconds = time.time() - start
 
+    # The training's own end state, before the best checkpoint (its weights and its
+    # epoch's curriculum delay) is loaded for the evaluation.
+    final_training_delay = int(model.curriculum_delay.numpy())
+    steps = int(model.optimizer.iterations.numpy())  # restored by BackupAndRestore on resume
     model.load_weights(checkpoints.best_checkpoint(workdir))
     evaluation = model.evaluate(eval_ds, return_dict=True, verbose=0)
-    steps = int(model.optimizer.iterations.numpy())  # restored by BackupAndRestore on resume
     metrics = {
         "eval": {**evaluation, "baseline": baseline,
                  "loss_over_baseline": evaluation["loss"] / baseline},
         "epochs": steps // config.steps_per_epoch,
         "steps": steps,
-        "final_training_delay": int(model.curriculum_delay.numpy()),
+        "final_training_delay": final_training_delay,
         "seconds_per_step": round(timer.seconds_per_step(), 4) if timer.per_step else None,
     }
     forget = forget_gate_means(model, probe[0])
