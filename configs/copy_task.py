@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.delay = 500
         config.chrono = True
     elif variant == "smoke":
+        config.log_every_steps = 5
         config.delay = 10
         config.units = 16
         config.steps_per_epoch = 10

@@ -91,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.batch_size, config.num_steps = 20, 35
         config.epochs, config.decay_after, config.lr_decay = 39, 6, 0.8
     elif variant == "smoke":
+        config.log_every_steps = 5
         config.max_chars = 20000  # (each tiny_shakespeare split is one example)
         config.embedding_dim = 16
         config.units = 32

@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
 
     if arg == "smoke":
+        config.log_every_steps = 5
         config.train_split = "train[:512]"
         config.validation_split = "train[-128:]"
         config.test_split = "test[:256]"

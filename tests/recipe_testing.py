@@ -1,4 +1,4 @@
-"""What the recipe tests share: running a recipe, one-line errors, TensorBoard tags."""
+"""What the recipe tests share: the command line, parsed configs, errors, TensorBoard tags."""
 
 import pathlib
 import subprocess
@@ -7,6 +7,9 @@ import time
 from collections.abc import Callable
 
 import tensorflow as tf
+from absl import flags
+
+from recipes.common import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,6 +21,20 @@ def run_recipe(module: str, *args: str, check: bool = True, cwd=ROOT, **kwargs):
     if check and proc.returncode != 0:
         raise AssertionError(proc.stderr[-3000:])
     return proc
+
+
+def parse_config(recipe: str, *args: str):  # noqa: ANN201
+    """The config that `python -m recipes.RECIPE ARGS` would run, parsed in this process.
+
+    A bad `--config` file, variant, override or flag raises the recipe's `RecipeError`.
+    """
+    argv = ["recipes." + recipe, *args]
+    flag_values = flags.FlagValues()
+    holder = cli.define_config("config", str(ROOT / "configs" / f"{recipe}.py"), "config",
+                               flag_values=flag_values, sys_argv=argv)
+    cli.parse_flags(argv, flag_values)
+    holder.value.to_dict()  # (ml_collections defers a config file's errors to first use)
+    return holder.value
 
 
 def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120,

@@ -16,6 +16,7 @@ from recipe_testing import assert_one_line_error, run_recipe, summary_tags
 import lstm_tf
 from configs import copy_task as copy_config
 from lstm_tf.diagnostics import state_gradient_norms
+from recipes.common.errors import RecipeError
 from recipes.copy_task import input_pipeline
 from recipes.copy_task import model as models
 
@@ -119,67 +120,107 @@ def test_state_gradient_norms_match_finite_differences(layer_class):
         assert norms[t] == pytest.approx(np.linalg.norm(grad), rel=1e-4), t
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("copy_task")
-    _run(f"--workdir={workdir}", *SMOKE)
-    return workdir
-
-
-def test_smoke_run_writes_metrics_diagnostics_and_summaries(smoke_run):
-    metrics = json.loads((smoke_run / "metrics.json").read_text())
+def test_smoke_run_writes_metrics_diagnostics_and_summaries(copy_task_run):
+    metrics = json.loads((copy_task_run / "metrics.json").read_text())
     assert metrics["eval"]["baseline"] == pytest.approx(10 * math.log(8) / 30)
-    assert 0 <= metrics["eval"]["copied_accuracy"] <= 1
+    assert metrics["eval"]["loss_over_baseline"] == pytest.approx(
+        metrics["eval"]["loss"] / metrics["eval"]["baseline"])
     assert metrics["steps"] == 20 and metrics["final_training_delay"] == 10
-    diagnostics = json.loads((smoke_run / "diagnostics.json").read_text())
+    assert metrics["seconds_per_step"] * metrics["steps"] < metrics["train_seconds"]
+    diagnostics = json.loads((copy_task_run / "diagnostics.json").read_text())
     assert len(diagnostics["gradient_flow"]) == len(diagnostics["forget_gate_mean"]) == 30
-    tags = summary_tags(smoke_run / "tensorboard")
+    tags = summary_tags(copy_task_run / "tensorboard")
     assert {"train_loss", "eval_loss", "eval_baseline", "eval_copied_accuracy", "train_delay",
-            "gradient_flow", "forget_gate"} <= tags, tags
+            "gradient_flow", "forget_gate", "steps/train_loss"} <= tags, tags
 
 
-def test_export_predicts_in_fresh_process(smoke_run):
+def test_export_predicts_in_fresh_process(copy_task_run):
+    """The export, served without this project's code, predicts as the trained model."""
+    config = copy_config.get_config("smoke")
+    inputs, _ = input_pipeline.held_out(config)
+    model = models.create_model(config)
+    model.load_weights(copy_task_run / "checkpoints" / "best.weights.h5")
+    expected = np.argmax(model(inputs[:3]), axis=-1)
     script = textwrap.dedent(f"""
-        import json
+        import json, sys
         import numpy as np, tensorflow as tf
-        serve = tf.saved_model.load({str(smoke_run / "export" / "1")!r}).signatures[
+        serve = tf.saved_model.load({str(copy_task_run / "export" / "1")!r}).signatures[
             "serving_default"]
-        inputs = np.zeros((3, 30), np.int32); inputs[:, :10] = 5; inputs[:, 19] = 9
-        out = serve(inputs=tf.constant(inputs))["predictions"]
-        print(json.dumps({{"shape": out.shape.as_list(), "dtype": out.dtype.name}}))
+        out = serve(inputs=tf.constant({inputs[:3].tolist()}, tf.int32))["predictions"]
+        assert not [m for m in sys.modules if m.startswith(("lstm_tf", "recipes"))]
+        print(json.dumps({{"predictions": out.numpy().tolist(), "dtype": out.dtype.name}}))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True, cwd="/")
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"shape": [3, 30],
-                                                                "dtype": "int32"}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["dtype"] == "int32"
+    np.testing.assert_array_equal(out["predictions"], expected)
 
 
 def test_sweep_writes_table_and_plots(tmp_path):
-    _run("sweep", f"--workdir={tmp_path}", "--delays=3,6", "--cells=lstm,rnn", *SMOKE,
-         "--config.max_epochs=1")
+    from recipes.copy_task import sweep
+
+    config = copy_config.get_config("smoke")
+    config.max_epochs = 1
+    sweep.sweep(config, str(tmp_path), ["3", "6"], ["lstm", "rnn"])
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["cell"], r["delay"]) for r in rows] == [
         ("lstm", "3"), ("lstm", "6"), ("rnn", "3"), ("rnn", "6")]
-    assert all(float(r["seconds_per_step"]) > 0 for r in rows)
+    for row in rows:  # the table holds each pair's own metrics
+        metrics = json.loads((tmp_path / f"{row['cell']}_T{row['delay']}" / "metrics.json")
+                             .read_text())
+        assert float(row["eval_loss"]) == round(metrics["eval"]["loss"], 4)
+        assert int(row["steps"]) == metrics["steps"] == 10
     assert (tmp_path / "results.md").read_text().count("\n") == 6
     for png in ("results.png", "accuracy.png", "gradient_flow.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mtime = (tmp_path / "lstm_T3" / "metrics.json").stat().st_mtime
-    _run("sweep", f"--workdir={tmp_path}", "--delays=3", "--cells=lstm", *SMOKE)
+    sweep.sweep(config, str(tmp_path), ["3"], ["lstm"])
     assert (tmp_path / "lstm_T3" / "metrics.json").stat().st_mtime == mtime  # not retrained
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config.delay=0"], "--config.delay=0 is invalid"),
-    (["--config.delay=-5"], "--config.delay=-5 is invalid"),
-    (["--config.cell=transformer"], "--config.cell='transformer' is invalid"),
-    (["--config.cell=rnn", "--config.chrono=True"], "--config.chrono=True needs"),
-    (["sweep", "--delays=10,x"], "must be integers"),
-    (["sweep", "--delays=0"], "must be positive"),
-    (["sweep", "--cells=lstm,tcn"], "unknown cell 'tcn'"),
-    (["predict"], "unknown command 'predict'"),
+def test_command_line(copy_task_run, tmp_path):
+    """The entry point: `predict` shows held-out copies; a mistake is one `error:` line."""
+    proc = _run("predict", f"--model={copy_task_run / 'export'}", *SMOKE)
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("symbols ") for line in lines)
+    proc = _run(f"--workdir={tmp_path / 'run'}", *SMOKE, "--config.delay=0", check=False)
+    assert_one_line_error(proc, "--config.delay=0 is invalid")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"delay": 0}, "--config.delay=0 is invalid"),
+    ({"delay": -5}, "--config.delay=-5 is invalid"),
+    ({"cell": "transformer"}, "--config.cell='transformer' is invalid"),
+    ({"cell": "rnn", "chrono": True}, "--config.chrono=True needs"),
 ])
-def test_bad_values_give_one_line_error(tmp_path, args, message):
-    proc = _run(f"--workdir={tmp_path / 'run'}", *SMOKE, *args, check=False)
-    assert_one_line_error(proc, message)
+def test_bad_config_values(tmp_path, overrides, message):
+    from recipes.copy_task import train
+
+    config = copy_config.get_config("smoke")
+    config.update(overrides)
+    with pytest.raises(RecipeError, match=message):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("delays, cells, message", [
+    (["10", "x"], ["lstm"], "must be integers"),
+    (["0"], ["lstm"], "must be positive"),
+    (["10"], ["lstm", "tcn"], "unknown cell 'tcn'"),
+])
+def test_bad_sweep_flags(tmp_path, delays, cells, message):
+    from recipes.copy_task import sweep
+
+    with pytest.raises(RecipeError, match=message):
+        sweep.sweep(copy_config.get_config("smoke"), str(tmp_path), delays, cells)
+
+
+def test_deploy_refuses_other_cells(tmp_path):
+    from recipes.copy_task import deploy
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.weights.h5").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"cell": "rnn"}))
+    with pytest.raises(RecipeError, match="export is for the LSTM"):
+        deploy.export(str(tmp_path), ["tflite"])

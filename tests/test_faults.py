@@ -1,4 +1,5 @@
-"""Surviving faults: kill -9 and resume, NaN loss, interrupted export, full disk."""
+"""Surviving faults: kill -9 and resume, damaged backups, a busy workdir, NaN loss,
+interrupted export, full disk."""
 
 import json
 import pathlib
@@ -6,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -15,6 +15,7 @@ import tensorflow as tf
 from recipe_testing import ROOT, assert_one_line_error, run_recipe, wait_until
 
 from recipes.common import checkpoints, exports
+from recipes.common.errors import RecipeError
 
 # Dropout on: resuming must also restore the dropout layers' random state.
 SENTIMENT = ["--config=configs/sentiment.py:smoke", "--config.epochs=3", "--deterministic"]
@@ -33,12 +34,12 @@ def test_killed_run_resumes_and_ends_as_if_never_killed(tmp_path):
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metadata = killed / "backup" / "state" / "training_metadata.json"
-    wait_until(metadata.exists, proc)
-    time.sleep(0.3)  # into epoch 2
+    wait_until(metadata.exists, proc)  # epoch 1 is backed up: the run is past it
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads(metadata.read_text())["epoch"] == 1, "not killed during epoch 2"
     assert not (killed / "metrics.json").exists()
+    _assert_damaged_backups_are_named(killed, tmp_path)
 
     resumed = run_recipe("sentiment", f"--workdir={killed}", *SENTIMENT)
     first_epoch = next(line for line in resumed.stdout.splitlines() if line.startswith("Epoch "))
@@ -46,13 +47,57 @@ def test_killed_run_resumes_and_ends_as_if_never_killed(tmp_path):
     assert _results(killed) == _results(uninterrupted)  # bitwise: same data order, dropout
 
 
+def _assert_damaged_backups_are_named(killed: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """A truncated backup stops the rerun with one line naming it and the remedy."""
+    from configs import sentiment
+    from recipes.sentiment import train
+
+    for name in ("training_metadata.json", "latest.weights.h5"):
+        damaged = tmp_path / f"damaged_{name}"
+        shutil.copytree(killed, damaged)
+        target = damaged / "backup" / "state" / name
+        target.write_bytes(target.read_bytes()[:len(target.read_bytes()) // 2])
+        with pytest.raises(RecipeError, match=(
+                f"the backup in {damaged / 'backup' / 'state'} is damaged .*; delete "
+                f"{damaged / 'backup'} and rerun")):
+            train.train_and_evaluate(sentiment.get_config("smoke"), str(damaged))
+
+
+def test_a_workdir_in_use_is_refused(tmp_path):
+    from configs import sentiment
+    from recipes.sentiment import train
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import pathlib, sys; from recipes.common import workdirs; "
+         "workdirs.lock_workdir(pathlib.Path(sys.argv[1])); print('locked', flush=True); "
+         "sys.stdin.read()", str(tmp_path)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RecipeError, match=f"{tmp_path} is in use by process {holder.pid}"):
+            train.train_and_evaluate(sentiment.get_config("smoke"), str(tmp_path))
+    finally:
+        holder.communicate("")
+    assert not (tmp_path / "metrics.json").exists()
+
+
 COPY_SMOKE = ["--config=configs/copy_task.py:smoke"]
+
+
+def _copy_smoke(**overrides):
+    from configs import copy_task
+
+    config = copy_task.get_config("smoke")
+    config.update(overrides)
+    return config
 
 
 @pytest.fixture
 def finished_copy_run(tmp_path):
     """A workdir with a completed copy-task smoke run: best checkpoint and export 1."""
-    run_recipe("copy_task", f"--workdir={tmp_path}", *COPY_SMOKE)
+    from recipes.copy_task import train
+
+    train.train_and_evaluate(_copy_smoke(), str(tmp_path))
     return tmp_path
 
 
@@ -66,11 +111,12 @@ def _assert_export_1_serves(workdir: pathlib.Path) -> None:
 
 def test_nan_loss_stops_with_one_line_and_keeps_checkpoint_and_export(finished_copy_run):
     workdir = finished_copy_run
+    from recipes.copy_task import train
+
     best = (workdir / "checkpoints" / "best.weights.h5").read_bytes()
-    proc = run_recipe("copy_task", f"--workdir={workdir}", *COPY_SMOKE,
-                      "--config.learning_rate=1e35", "--config.clipnorm=1e30", check=False)
-    assert_one_line_error(proc, "training loss became")
-    assert "at step " in proc.stderr and "(epoch 1, batch " in proc.stderr
+    with pytest.raises(RecipeError, match=r"training loss became .* at step \d+ \(epoch 1, "
+                                          r"batch \d+\); stopped"):
+        train.train_and_evaluate(_copy_smoke(learning_rate=1e35, clipnorm=1e30), str(workdir))
     assert (workdir / "checkpoints" / "best.weights.h5").read_bytes() == best
     _assert_export_1_serves(workdir)
 

@@ -9,14 +9,14 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from recipe_testing import ROOT, assert_one_line_error, run_recipe, summary_tags
+from recipe_testing import ROOT, assert_one_line_error, parse_config, run_recipe, summary_tags
 
 from configs import language_model as lm_config
+from recipes.common.errors import RecipeError
 from recipes.language_model import input_pipeline, sampling, train
 from recipes.language_model import model as models
 
 PTB = ROOT.parent / "shared" / "data" / "ptb"
-SMOKE = ["--config=configs/language_model.py:smoke"]
 
 
 def _run(*args, **kwargs):
@@ -156,31 +156,24 @@ def test_greedy_generation_follows_the_scores():
             context = f"{context} {word}"
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("language_model")
-    _run(f"--workdir={workdir}", *SMOKE)
-    return workdir
-
-
-def test_smoke_run_writes_metrics_and_summaries(smoke_run):
-    metrics = json.loads((smoke_run / "metrics.json").read_text())
+def test_smoke_run_writes_metrics_and_summaries(language_model_run):
+    metrics = json.loads((language_model_run / "metrics.json").read_text())
     for split in ("validation", "test"):
         assert metrics[split]["tokens"] == 20000
         assert metrics[split]["bits_per_char"] == pytest.approx(
             metrics[split]["cross_entropy"] / math.log(2))
         assert metrics[split]["cross_entropy"] < math.log(metrics["vocab_size"])  # learnt
-    tags = summary_tags(smoke_run / "tensorboard")
+    tags = summary_tags(language_model_run / "tensorboard")
     assert {"train_cross_entropy", "eval_cross_entropy", "eval_bits_per_char",
-            "learning_rate", "samples"} <= tags, tags
-    assert not (smoke_run / "backup").exists()
+            "learning_rate", "samples", "steps/train_loss"} <= tags, tags
+    assert not (language_model_run / "backup").exists()
 
 
-def test_export_generates_and_scores_in_fresh_process(smoke_run):
+def test_export_generates_and_scores_in_fresh_process(language_model_run):
     script = textwrap.dedent(f"""
         import json, sys
         import tensorflow as tf
-        loaded = tf.saved_model.load({str(smoke_run / "export" / "1")!r})
+        loaded = tf.saved_model.load({str(language_model_run / "export" / "1")!r})
         generate, score = loaded.signatures["generate"], loaded.signatures["score"]
         prompts = ["ROMEO:", "", "\\u00ff unknown \\U0001F600"]
         args = dict(prompt=tf.constant(prompts), num_tokens=tf.constant(25),
@@ -205,54 +198,62 @@ def test_export_generates_and_scores_in_fresh_process(smoke_run):
     assert out["total"][0] < 0 and out["total"][1] == 0
 
 
-def test_score_command_reproduces_the_test_metric(smoke_run, tmp_path):
+def test_score_reproduces_the_test_metric(language_model_run, tmp_path):
     import tensorflow_datasets as tfds
 
-    metrics = json.loads((smoke_run / "metrics.json").read_text())
+    from recipes.language_model import deploy
+
+    metrics = json.loads((language_model_run / "metrics.json").read_text())
     test = tfds.load("tiny_shakespeare", split="test", try_gcs=False, download=False)
     text = next(iter(test))["text"].numpy().decode()[:20000]
     (tmp_path / "test.txt").write_text(text, encoding="utf-8")
-    proc = _run("score", f"--export_dir={smoke_run / 'export'}", str(tmp_path / "test.txt"))
-    fields = dict(f.split(" ") for f in proc.stdout.strip().split("\t")[1:])
+    (line,) = deploy.score(str(language_model_run / "export"), [str(tmp_path / "test.txt")])
+    fields = dict(f.split(" ") for f in line.split("\t")[1:])
     assert int(fields["tokens"]) == 20000
     assert float(fields["cross_entropy"]) == pytest.approx(
         metrics["test"]["cross_entropy"], abs=1e-3)
 
 
-def test_sample_command(smoke_run):
-    proc = _run("sample", f"--export_dir={smoke_run / 'export'}", "--prompt=ROMEO:",
-                "--num_tokens=30", "--temperature=0.8", "--top_k=5")
-    assert proc.stdout.startswith("ROMEO:") and len(proc.stdout.rstrip("\n")) >= 6
+def test_command_line(language_model_run):
+    """The entry point: `sample` prints the prompt and a continuation; a mistake is one line."""
+    from recipes.language_model import deploy
+
+    proc = _run("sample", f"--model={language_model_run / 'export'}", "--prompt=ROMEO:",
+                "--num_tokens=30", "--temperature=0")
+    expected = deploy.sample(str(language_model_run / "export"), "ROMEO:", 30, 0.0, 0)
+    assert proc.stdout == "ROMEO:" + expected + "\n" and len(expected) == 30
+    assert_one_line_error(_run("generate", check=False), "unknown command 'generate'")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config=configs/language_model.py:ptb_small", "--config.text_dir={tmp}/none"],
-     "no corpus file"),
-    (["--config.level=byte"], "--config.level='byte' is invalid"),
-    (["--config.num_steps=0"], "--config.num_steps=0 is invalid"),
-    (["--config.num_steps=5000"], "too short"),
-    (["--config.text_feature=body"], "not a feature of 'tiny_shakespeare'"),
-    (["--config=configs/language_model.py:nope"], "unknown variant 'nope'"),
-    (["--config.optimizer=rmsprop"], "--config.optimizer='rmsprop' is invalid"),
+@pytest.mark.parametrize("variant, overrides, message", [
+    ("ptb_small", {"text_dir": "{tmp}/none"}, "no corpus file"),
+    ("smoke", {"level": "byte"}, "--config.level='byte' is invalid"),
+    ("smoke", {"num_steps": 0}, "--config.num_steps=0 is invalid"),
+    ("smoke", {"num_steps": 5000}, "too short"),
+    ("smoke", {"text_feature": "body"}, "not a feature of 'tiny_shakespeare'"),
+    ("smoke", {"optimizer": "rmsprop"}, "--config.optimizer='rmsprop' is invalid"),
 ])
-def test_bad_input_gives_one_line_error(tmp_path, args, message):
-    workdir = tmp_path / "run"
-    args = [a.format(tmp=tmp_path) for a in args]
-    config = [a for a in args if a.startswith("--config=")] or SMOKE
-    rest = [a for a in args if not a.startswith("--config=")]
-    proc = _run(f"--workdir={workdir}", *config, *rest, check=False)
-    assert_one_line_error(proc, message)
+def test_bad_config_values(tmp_path, variant, overrides, message):
+    overrides = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+                 for k, v in overrides.items()}
+    with pytest.raises(RecipeError, match=message):
+        train.train_and_evaluate(_config(variant, **overrides), str(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["sample"], "sample needs --export_dir"),
-    (["sample", "--export_dir={tmp}"], "no SavedModel in"),
-    (["score", "--export_dir={tmp}"], "score needs text files"),
-    (["generate"], "unknown command 'generate'"),
-])
-def test_bad_commands_give_one_line_error(tmp_path, args, message):
-    proc = _run(*[a.format(tmp=tmp_path) for a in args], check=False)
-    assert_one_line_error(proc, message)
+def test_bad_variant():
+    with pytest.raises(RecipeError, match="unknown variant 'nope'"):
+        parse_config("language_model", "--config=configs/language_model.py:nope")
+
+
+def test_bad_commands(tmp_path):
+    from recipes.language_model import deploy
+
+    with pytest.raises(RecipeError, match="no SavedModel in"):
+        deploy.sample(str(tmp_path), "", 3, 0.0, 0)
+    with pytest.raises(RecipeError, match="score needs text files"):
+        deploy.score(str(tmp_path), [])
+    with pytest.raises(RecipeError, match="tflite_int8 is not offered"):
+        deploy.export(str(tmp_path), ["tflite_int8"])
 
 
 @pytest.mark.parametrize("variant", lm_config.VARIANTS)

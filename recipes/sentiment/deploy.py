@@ -28,7 +28,7 @@ from recipes.sentiment import input_pipeline
 from recipes.sentiment import model as models
 from recipes.sentiment.tokenizer import Tokenizer
 
-REPRESENTATIVE_REVIEWS = 200  # int8 calibration: training reviews, each at its true length
+REPRESENTATIVE_REVIEWS = 1000  # int8 calibration: training reviews, each at its true length
 
 
 def finished_run(workdir: str) -> tuple[pathlib.Path, Any]:
