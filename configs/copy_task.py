@@ -2,9 +2,11 @@
 
 Default: LSTM(128) at delay T=100, with a curriculum over delays from T=10.
 Variants (`--config=configs/copy_task.py:VARIANT`):
-- `chrono500`: chrono-initialized LSTM at T=500.
+- `chrono500`, `chrono1000`, `chrono2000`: chrono-initialized LSTM at T=500, 1000, 2000
+  (curriculum from T=10; the longer ones train for up to 10 h, resuming when rerun).
 - `smoke`: a tiny run for tests (seconds).
-Cells: `--config.cell=lstm|rnn|gru` (rnn = keras.layers.SimpleRNN, gru = keras.layers.GRU);
+Cells: `--config.cell=lstm|lstm_peephole|lstm_ln|rnn|gru` (lstm_tf.LSTM, with peepholes, with
+layer norm; rnn = keras.layers.SimpleRNN, gru = keras.layers.GRU);
 `--config.chrono=True` for chrono initialization of the LSTM (Tallec & Ollivier, 2018).
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-VARIANTS = ("default", "chrono500", "smoke")
+VARIANTS = ("default", "chrono500", "chrono1000", "chrono2000", "smoke")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -26,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.copy_length = 10
     config.num_symbols = 8
     # Model: one-hot -> recurrent layer -> Dense over blank/symbols/delimiter.
-    config.cell = "lstm"  # "lstm" (lstm_tf.LSTM), "rnn" (SimpleRNN) or "gru"
+    config.cell = "lstm"  # "lstm", "lstm_peephole", "lstm_ln" (lstm_tf.LSTM), "rnn", "gru"
     config.chrono = False  # LSTM only: chrono initialization of the gate biases
     config.chrono_max_delay = 0  # T_max of chrono; 0: 3/2 x (delay + 2 x copy_length)
     config.units = 128
@@ -52,9 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 50  # TensorBoard step scalars (0: off)
     config.seed = 0
 
-    if variant == "chrono500":
-        config.delay = 500
+    if variant.startswith("chrono"):
+        config.delay = int(variant.removeprefix("chrono"))
         config.chrono = True
+        if config.delay > 500:
+            config.max_train_minutes = 600.0
     elif variant == "smoke":
         config.log_every_steps = 5
         config.delay = 10

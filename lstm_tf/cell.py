@@ -53,7 +53,25 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
         dropout: Fraction of the inputs x_t to drop. Variational: one mask per
             sequence, the same at every step, and only when training.
         recurrent_dropout: Fraction of h_{t-1} to drop, likewise variational.
-        seed: Seed of the dropout masks.
+        seed: Seed of the dropout and zoneout masks.
+        use_peepholes: Diagonal peephole connections (Gers & Schmidhuber, 2000),
+            as TF-Addons' `PeepholeLSTMCell`: z_i += w_ci ⊙ C_{t-1},
+            z_f += w_cf ⊙ C_{t-1} and z_o += w_co ⊙ C_t (weights
+            `input_gate_peephole_weights`, ... of shape `(units,)`).
+        layer_norm: Layer normalization (Ba et al., 2016), as TF-Addons'
+            `LayerNormLSTMCell`: z = LN(x_t·W) + LN(h_{t-1}·U) + b (each over all
+            4·units pre-activations) and C_t = LN(f_t ⊙ C_{t-1} + i_t ⊙ C̃_t),
+            each with its gain and bias (sublayers `kernel_norm`,
+            `recurrent_norm`, `state_norm`; epsilon `norm_epsilon`).
+        norm_epsilon: The layer normalizations' epsilon (default 1e-3, TF-Addons').
+        proj_size: The projected LSTM (LSTMP, Sak et al., 2014): h_t =
+            (o_t ⊙ tanh C_t)·W_hr, of size `proj_size` (`projection_kernel`
+            `(units, proj_size)`; U is then `(proj_size, 4 * units)`), the
+            function of `torch.nn.LSTM(proj_size=...)`.
+        zoneout_h, zoneout_c: Zoneout (Krueger et al., 2017): in training each
+            unit of h (of C) keeps its previous value with this probability, a
+            new draw at every step; at inference the expectation,
+            z·h_{t-1} + (1 - z)·h_t.
 
     Call arguments:
         inputs: `(batch, input_dim)`, x_t.
@@ -91,6 +109,12 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
         recurrent_dropout: float = 0.0,
         seed: int | None = None,
         chrono_max_delay: int | None = None,
+        use_peepholes: bool = False,
+        layer_norm: bool = False,
+        norm_epsilon: float = 1e-3,
+        proj_size: int | None = None,
+        zoneout_h: float = 0.0,
+        zoneout_c: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if not isinstance(units, int) or units <= 0:
@@ -100,6 +124,11 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
                 raise ValueError(f"`{name}` must be in [0, 1); got {rate!r}.")
         if chrono_max_delay is not None and chrono_max_delay <= 2:
             raise ValueError(f"`chrono_max_delay` must be > 2; got {chrono_max_delay!r}.")
+        if proj_size is not None and (not isinstance(proj_size, int) or proj_size <= 0):
+            raise ValueError(f"`proj_size` must be a positive integer; got {proj_size!r}.")
+        for name, rate in (("zoneout_h", zoneout_h), ("zoneout_c", zoneout_c)):
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1]; got {rate!r}.")
         super().__init__(**kwargs)
         self.units = units
         self.chrono_max_delay = chrono_max_delay
@@ -120,8 +149,20 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
         self.recurrent_dropout = float(recurrent_dropout)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed=seed)
-        self.state_size = [units, units]
-        self.output_size = units
+        self.use_peepholes = use_peepholes
+        self.layer_norm = layer_norm
+        self.norm_epsilon = norm_epsilon
+        self.proj_size = proj_size
+        self.zoneout_h = float(zoneout_h)
+        self.zoneout_c = float(zoneout_c)
+        hidden = proj_size or units
+        self.state_size = [hidden, units]
+        self.output_size = hidden
+        if layer_norm:
+            norm = {"epsilon": norm_epsilon, "dtype": self.dtype_policy}
+            self.kernel_norm = keras.layers.LayerNormalization(name="kernel_norm", **norm)
+            self.recurrent_norm = keras.layers.LayerNormalization(name="recurrent_norm", **norm)
+            self.state_norm = keras.layers.LayerNormalization(name="state_norm", **norm)
 
     def build(self, input_shape: tuple) -> None:
         input_dim = input_shape[-1]
@@ -133,7 +174,7 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
             constraint=self.kernel_constraint,
         )
         self.recurrent_kernel = self.add_weight(
-            shape=(self.units, 4 * self.units),
+            shape=(self.proj_size or self.units, 4 * self.units),
             name="recurrent_kernel",
             initializer=self.recurrent_initializer,
             regularizer=self.recurrent_regularizer,
@@ -148,6 +189,26 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
                 regularizer=self.bias_regularizer,
                 constraint=self.bias_constraint,
             )
+        if self.use_peepholes:
+            for gate in ("input", "forget", "output"):
+                setattr(self, f"{gate}_gate_peephole_weights", self.add_weight(
+                    shape=(self.units,), name=f"{gate}_gate_peephole_weights",
+                    initializer=self.kernel_initializer))
+        if self.layer_norm:
+            self.kernel_norm.build((None, 4 * self.units))
+            self.recurrent_norm.build((None, 4 * self.units))
+            self.state_norm.build((None, self.units))
+        if self.proj_size:
+            self.projection_kernel = self.add_weight(
+                shape=(self.units, self.proj_size), name="projection_kernel",
+                initializer=self.kernel_initializer, regularizer=self.kernel_regularizer,
+                constraint=self.kernel_constraint)
+
+    @property
+    def is_plain(self) -> bool:
+        """No variant (peepholes, layer norm, projection, zoneout): the classic LSTM."""
+        return not (self.use_peepholes or self.layer_norm or self.proj_size
+                    or self.zoneout_h or self.zoneout_c)
 
     def _initial_bias(self, shape: tuple, dtype: Any = None) -> Any:
         """`bias_initializer`, plus 1 on the forget block if `unit_forget_bias`;
@@ -166,42 +227,87 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
 
     def call(self, inputs: Any, states: list, training: bool = False) -> tuple:
         h_prev, c_prev = states
+        h_read = h_prev
         if training and self.dropout > 0:
             inputs = inputs * self.get_dropout_mask(inputs)
         if training and self.recurrent_dropout > 0:
-            h_prev = h_prev * self.get_recurrent_dropout_mask(h_prev)
-
-        f, i, c_candidate, o = self.gates(inputs, h_prev)
-        c = f * c_prev + i * c_candidate  # cell update
-        h = o * self.activation(c)
+            h_read = h_prev * self.get_recurrent_dropout_mask(h_prev)
+        parts = self.step(inputs, h_read, c_prev)
+        h, c = parts["hidden"], parts["cell"]
+        if self.zoneout_h:
+            h = self._zoneout(h_prev, h, self.zoneout_h, training)
+        if self.zoneout_c:
+            c = self._zoneout(c_prev, c, self.zoneout_c, training)
         return h, [h, c]
 
-    def gates(self, inputs: Any, h_prev: Any) -> tuple:
+    def step(self, inputs: Any, h_prev: Any, c_prev: Any) -> dict[str, Any]:
+        """The four parts of one step, and what they give (before zoneout).
+
+        Args:
+            inputs: x_t, `(batch, input_dim)` (after dropout, if any).
+            h_prev: h_{t-1}, `(batch, proj_size or units)`.
+            c_prev: C_{t-1}, `(batch, units)`.
+
+        Returns:
+            `{"forget": f_t, "input": i_t, "candidate": C̃_t, "output": o_t,
+            "cell": C_t, "hidden": h_t}`, each `(batch, units)` (h_t:
+            `(batch, proj_size)` with a projection).
+        """
+        # All four pre-activations at once: z = x_t·W + h_{t-1}·U + b.
+        x_w = ops.matmul(inputs, self.kernel)
+        h_u = ops.matmul(h_prev, self.recurrent_kernel)
+        if self.layer_norm:
+            x_w, h_u = self.kernel_norm(x_w), self.recurrent_norm(h_u)
+        z = x_w + h_u
+        if self.use_bias:
+            z = z + self.bias
+        z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
+        if self.use_peepholes:  # the input and forget gates see C_{t-1}
+            z_i = z_i + self.input_gate_peephole_weights * c_prev
+            z_f = z_f + self.forget_gate_peephole_weights * c_prev
+        f = self.recurrent_activation(z_f)  # forget gate
+        i = self.recurrent_activation(z_i)  # input gate
+        c_candidate = self.activation(z_c)  # candidate C̃_t
+        c = f * c_prev + i * c_candidate  # cell update
+        if self.layer_norm:
+            c = self.state_norm(c)
+        if self.use_peepholes:  # the output gate sees C_t
+            z_o = z_o + self.output_gate_peephole_weights * c
+        o = self.recurrent_activation(z_o)  # output gate
+        h = o * self.activation(c)
+        if self.proj_size:
+            h = ops.matmul(h, self.projection_kernel)
+        return {"forget": f, "input": i, "candidate": c_candidate, "output": o, "cell": c,
+                "hidden": h}
+
+    def gates(self, inputs: Any, h_prev: Any, c_prev: Any = None) -> tuple:
         """The forget gate, input gate, candidate and output gate of one step.
 
         Args:
             inputs: x_t, `(batch, input_dim)` (after dropout, if any).
-            h_prev: h_{t-1}, `(batch, units)`.
+            h_prev: h_{t-1}.
+            c_prev: C_{t-1} (needed with peepholes; zeros if omitted).
 
         Returns:
             `(f_t, i_t, C̃_t, o_t)`, each `(batch, units)`.
         """
-        # All four pre-activations at once: z = x_t·W + h_{t-1}·U + b.
-        z = ops.matmul(inputs, self.kernel) + ops.matmul(h_prev, self.recurrent_kernel)
-        if self.use_bias:
-            z = z + self.bias
-        z_i, z_f, z_c, z_o = ops.split(z, 4, axis=-1)
-        f = self.recurrent_activation(z_f)  # forget gate
-        i = self.recurrent_activation(z_i)  # input gate
-        c_candidate = self.activation(z_c)  # candidate C̃_t
-        o = self.recurrent_activation(z_o)  # output gate
-        return f, i, c_candidate, o
+        if c_prev is None:
+            c_prev = ops.zeros((ops.shape(inputs)[0], self.units), dtype=inputs.dtype)
+        parts = self.step(inputs, h_prev, c_prev)
+        return parts["forget"], parts["input"], parts["candidate"], parts["output"]
+
+    def _zoneout(self, previous: Any, new: Any, rate: float, training: bool) -> Any:
+        """Each unit keeps its previous value with probability `rate` (training), else
+        the expectation."""
+        if not training:
+            return rate * previous + (1.0 - rate) * new
+        keep = keras.random.uniform(ops.shape(new), dtype=new.dtype,
+                                    seed=self.seed_generator) < rate
+        return ops.where(keep, previous, new)
 
     def get_initial_state(self, batch_size: Any = None) -> list:
-        return [
-            ops.zeros((batch_size, self.units), dtype=self.compute_dtype)
-            for _ in range(2)
-        ]
+        return [ops.zeros((batch_size, size), dtype=self.compute_dtype)
+                for size in self.state_size]
 
     def get_config(self) -> dict:
         ser = keras.saving.serialize_keras_object
@@ -226,5 +332,11 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
             "recurrent_dropout": self.recurrent_dropout,
             "seed": self.seed,
             "chrono_max_delay": self.chrono_max_delay,
+            "use_peepholes": self.use_peepholes,
+            "layer_norm": self.layer_norm,
+            "norm_epsilon": self.norm_epsilon,
+            "proj_size": self.proj_size,
+            "zoneout_h": self.zoneout_h,
+            "zoneout_c": self.zoneout_c,
         }
         return {**super().get_config(), **config}

@@ -67,6 +67,10 @@ def unfusable_attributes(layer: Any, mask: Any) -> list[str]:
                      "(the op's gates are sigmoids)")
     if layer.unroll:
         found.append("unroll=True")
+    for name in ("use_peepholes", "layer_norm", "proj_size", "zoneout_h", "zoneout_c"):
+        if getattr(cell, name):
+            found.append(f"{name}={getattr(cell, name)!r} (the Keras-LSTM conversion has no "
+                         "such input)")
     if cell.compute_dtype != "float32":
         found.append(f"dtype={cell.compute_dtype!r} (float32 only)")
     if mask is not None:

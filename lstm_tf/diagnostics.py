@@ -10,8 +10,14 @@ import tensorflow as tf
 from lstm_tf.lstm import LSTM
 
 
-def gate_activations(layer: LSTM, sequences: Any, mask: Any = None) -> dict[str, tf.Tensor]:
-    """Runs `layer` (inference mode, zero initial state) and records its gates.
+def trace(layer: LSTM, sequences: Any, mask: Any = None) -> dict[str, tf.Tensor]:
+    """Runs `layer` (inference, zero initial state) and records every part of every step.
+
+    Works in graph mode and for any number of steps (`tf.scan`), with every
+    variant of the cell (its `step`). Values are aligned to the positions of the
+    steps: for a `go_backwards` layer, position t holds what the layer computed
+    when it read step t (its last step first). Masked steps keep the state, as
+    in the layer, and record zeros.
 
     Args:
         layer: A built `lstm_tf.LSTM`.
@@ -19,27 +25,47 @@ def gate_activations(layer: LSTM, sequences: Any, mask: Any = None) -> dict[str,
         mask: Optional boolean `(batch, timesteps)`; masked steps keep the state.
 
     Returns:
-        `{"forget": f, "input": i, "output": o}`, each `(batch, timesteps,
-        units)` in the order the layer read the steps (reversed if
-        `go_backwards`), plus `"mask"` `(batch, timesteps)` in that order.
+        `{"forget", "input", "output", "cell", "hidden"}`: f_t, i_t, o_t, C_t and
+        h_t, each `(batch, timesteps, units)` (h_t: `proj_size` wide with a
+        projection), and `"mask"` `(batch, timesteps)` bool.
     """
     cell = layer.cell
     x = tf.convert_to_tensor(sequences, dtype=cell.compute_dtype)
-    steps = tf.ones(tf.shape(x)[:2], tf.bool) if mask is None else tf.cast(mask, tf.bool)
+    real = tf.ones(tf.shape(x)[:2], tf.bool) if mask is None else tf.cast(mask, tf.bool)
     if layer.go_backwards:
-        x, steps = tf.reverse(x, [1]), tf.reverse(steps, [1])
-    h, c = cell.get_initial_state(tf.shape(x)[0])
-    recorded: dict[str, list] = {"forget": [], "input": [], "output": []}
-    for t in range(x.shape[1]):
-        f, i, c_candidate, o = cell.gates(x[:, t], h)
-        keep = steps[:, t, None]
-        c = tf.where(keep, f * c + i * c_candidate, c)
-        h = tf.where(keep, o * cell.activation(c), h)
-        for name, gate in (("forget", f), ("input", i), ("output", o)):
-            recorded[name].append(gate)
-    gates = {name: tf.stack(values, axis=1) for name, values in recorded.items()}
-    gates["mask"] = steps
-    return gates
+        x, real = tf.reverse(x, [1]), tf.reverse(real, [1])
+    h0, c0 = cell.get_initial_state(tf.shape(x)[0])
+    names = ("forget", "input", "output", "cell", "hidden")
+
+    def step(carried: tuple, inputs: tuple) -> tuple:
+        h, c = carried[:2]
+        x_t, keep = inputs
+        parts = cell.step(x_t, h, c)
+        keep = keep[:, None]
+        h = tf.where(keep, parts["hidden"], h)
+        c = tf.where(keep, parts["cell"], c)
+        return (h, c, *(tf.where(keep, parts[n], tf.zeros_like(parts[n])) for n in names))
+
+    units = tf.zeros_like(c0)
+    start = (h0, c0, units, units, units, units, h0)
+    steps = tf.scan(step, (tf.transpose(x, [1, 0, 2]), tf.transpose(real)), start)
+    recorded = {name: tf.transpose(values, [1, 0, 2]) for name, values in zip(
+        names, steps[2:], strict=True)}
+    recorded["mask"] = real
+    if layer.go_backwards:  # back to the positions of the steps
+        recorded = {name: tf.reverse(values, [1]) for name, values in recorded.items()}
+    return recorded
+
+
+def gate_activations(layer: LSTM, sequences: Any, mask: Any = None) -> dict[str, tf.Tensor]:
+    """The forget, input and output gates of every step, as `trace` records them.
+
+    Returns:
+        `{"forget": f, "input": i, "output": o}`, each `(batch, timesteps,
+        units)`, aligned to the positions of the steps, plus `"mask"`.
+    """
+    recorded = trace(layer, sequences, mask)
+    return {name: recorded[name] for name in ("forget", "input", "output", "mask")}
 
 
 def state_gradient_norms(layer: Any, sequences: Any,

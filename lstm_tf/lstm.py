@@ -101,7 +101,8 @@ class LSTM(keras.layers.RNN):
         if fused is True and not self.can_fuse():
             raise ValueError(
                 "fused=True needs activation='tanh', recurrent_activation='sigmoid', "
-                "recurrent_dropout=0 and unroll=False.")
+                "recurrent_dropout=0, unroll=False and no variant (peepholes, layer norm, "
+                "projection, zoneout).")
 
     @property
     def units(self) -> int:
@@ -116,6 +117,7 @@ class LSTM(keras.layers.RNN):
             and cell.recurrent_activation is keras.activations.sigmoid
             and (cell.recurrent_dropout == 0 or not training)
             and not self.unroll
+            and cell.is_plain
         )
 
     def uses_fused_path(self, training: bool = True) -> bool:
@@ -222,20 +224,21 @@ class LSTM(keras.layers.RNN):
     def _check_initial_state(self, sequences: Any, initial_state: Any) -> None:
         states = initial_state if isinstance(initial_state, (list, tuple)) else [initial_state]
         batch = sequences.shape[0]
-        expected = (batch, self.units)
+        sizes = self.cell.state_size
         if len(states) != 2:
             raise ValueError(
-                f"initial_state must be [h_0, C_0], each of shape {expected}; "
+                f"initial_state must be [h_0, C_0], of shapes {[(batch, n) for n in sizes]}; "
                 f"got {len(states)} tensor(s)."
             )
-        for name, state in zip(("h_0", "C_0"), states, strict=True):
+        for name, state, size in zip(("h_0", "C_0"), states, sizes, strict=True):
             shape = tuple(state.shape)
-            ok = len(shape) == 2 and shape[1] == self.units
+            ok = len(shape) == 2 and shape[1] == size
             ok = ok and (batch is None or shape[0] is None or shape[0] == batch)
             if not ok:
                 raise ValueError(
-                    f"initial_state {name} must have shape {expected} "
-                    f"(batch, units); got {shape}."
+                    f"initial_state {name} must have shape {(batch, size)} "
+                    f"(batch, {'proj_size' if name == 'h_0' and self.cell.proj_size else 'units'}"
+                    f"); got {shape}."
                 )
 
     def get_config(self) -> dict:

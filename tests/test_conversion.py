@@ -142,15 +142,17 @@ def test_quantized_models_keep_the_fused_op(quantization):
         np.testing.assert_allclose(p, model({"tokens": tokens})["p"], atol=0.05)
 
 
-def test_unfusable_configuration_warns_and_keeps_the_loop():
-    x = keras.Input(batch_shape=(1, T, D))
-    model = keras.Model(x, lstm_tf.LSTM(U, activation="relu")(x))
-    with pytest.warns(UserWarning, match="activation='relu'"):
+@pytest.mark.parametrize("arguments, named", [({"activation": "relu"}, "activation='relu'"),
+                                              ({"use_peepholes": True}, "use_peepholes=True")])
+def test_unfusable_configuration_warns_and_keeps_the_loop(arguments, named):
+    x = keras.Input(batch_shape=(1, T, D), name="x")
+    model = keras.Model(x, lstm_tf.LSTM(U, **arguments)(x))
+    with pytest.warns(UserWarning, match=named):
         content = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     assert FUSED not in _ops(content) and "WHILE" in _ops(content)
-    inputs = {"keras_tensor": np.ones((1, T, D), "float32")}
+    inputs = {"x": np.ones((1, T, D), "float32")}
     np.testing.assert_allclose(list(_run_tflite(content, inputs).values())[0],
-                               model(inputs["keras_tensor"]), atol=1e-5)
+                               model(inputs["x"]), atol=1e-5)
 
 
 def _masked_model(batch: int | None) -> keras.Model:

@@ -21,7 +21,8 @@ from recipes.common import cli, deploy, errors, workdirs
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write everything "
                                "(default: runs/copy_task/<timestamp>).")
 _DELAYS = flags.DEFINE_list("delays", "10,50,100,200", "For `sweep`: the delays T.")
-_CELLS = flags.DEFINE_list("cells", "lstm,rnn", "For `sweep`: lstm, rnn, gru, lstm_chrono.")
+_CELLS = flags.DEFINE_list("cells", "lstm,rnn", "For `sweep`: lstm, rnn, gru, lstm_chrono, "
+                           "lstm_peephole, lstm_ln.")
 _MODEL = flags.DEFINE_string("model", None, "For `predict`: a SavedModel export "
                              "(WORKDIR/export) or a deployed model file (WORKDIR/deploy/...).")
 _FORMAT = flags.DEFINE_list("format", ",".join(deploy.FORMATS),

@@ -33,7 +33,8 @@ def finished_run(workdir: str) -> tuple[pathlib.Path, Any]:
     config = ml_collections.ConfigDict(workdirs.read_json(path / "config.json"))
     if config.cell != "lstm":
         raise RecipeError(f"export is for the LSTM (this run's cell is {config.cell!r}: "
-                          "Keras's SimpleRNN and GRU have no fused op to convert to)")
+                          "Keras's SimpleRNN and GRU, and the LSTM variants, have no fused op "
+                          "to convert to)")
     return path, config
 
 

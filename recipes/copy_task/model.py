@@ -10,6 +10,10 @@ import tensorflow as tf
 import lstm_tf
 from recipes.copy_task import input_pipeline
 
+# The LSTM cells of `config.cell`: lstm_tf.LSTM with these arguments.
+LSTM_VARIANTS = {"lstm": {}, "lstm_peephole": {"use_peepholes": True},
+                 "lstm_ln": {"layer_norm": True}}
+
 
 def chrono_max_delay(config: Any) -> int:
     """T_max of chrono initialization: the config's, else 3/2 of the sequence length."""
@@ -29,9 +33,10 @@ def create_model(config: Any, batch_size: int | None = None) -> keras.Model:
     # U[-0.05, 0.05] embedding made the symbols too faint, and the LSTM stayed at the baseline.
     x = keras.layers.Embedding(vocab, vocab, embeddings_initializer="identity",
                                name="embedding")(tokens)
-    if config.cell == "lstm":
+    if config.cell.startswith("lstm"):
         chrono = {"chrono_max_delay": chrono_max_delay(config)} if config.chrono else {}
-        rnn = lstm_tf.LSTM(config.units, return_sequences=True, name="rnn", **chrono)
+        variant = LSTM_VARIANTS[config.cell]
+        rnn = lstm_tf.LSTM(config.units, return_sequences=True, name="rnn", **chrono, **variant)
     else:
         layer = {"rnn": keras.layers.SimpleRNN, "gru": keras.layers.GRU}[config.cell]
         rnn = layer(config.units, return_sequences=True, name="rnn")

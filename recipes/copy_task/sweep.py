@@ -22,7 +22,8 @@ from recipes.common import errors, workdirs
 from recipes.copy_task import plots, train
 
 CELLS = {"lstm": ("lstm", False), "rnn": ("rnn", False), "gru": ("gru", False),
-         "lstm_chrono": ("lstm", True)}
+         "lstm_chrono": ("lstm", True), "lstm_peephole": ("lstm_peephole", False),
+         "lstm_ln": ("lstm_ln", False)}
 COLUMNS = ["cell", "delay", "eval_loss", "baseline", "loss_over_baseline", "copied_accuracy",
            "steps", "train_minutes", "seconds_per_step"]
 

@@ -22,7 +22,8 @@ CONFIG_RULES = {
     "delay": _positive_int,
     "copy_length": _positive_int,
     "num_symbols": (lambda v: isinstance(v, int) and v > 1, "an integer > 1"),
-    "cell": (lambda v: v in ("lstm", "rnn", "gru"), "'lstm', 'rnn' or 'gru'"),
+    "cell": (lambda v: v in (*models.LSTM_VARIANTS, "rnn", "gru"),
+             f"one of {', '.join(repr(c) for c in (*models.LSTM_VARIANTS, 'rnn', 'gru'))}"),
     "chrono_max_delay": (lambda v: isinstance(v, int) and (v == 0 or v > 2), "0 or > 2"),
     "units": _positive_int,
     "batch_size": _positive_int,
@@ -176,7 +177,7 @@ def train_and_evaluate(config: Any, workdir: str,
     """
     start = time.time()
     errors.check_config(config, CONFIG_RULES)
-    if config.chrono and config.cell != "lstm":
+    if config.chrono and not config.cell.startswith("lstm"):
         raise errors.RecipeError(f"--config.chrono=True needs --config.cell=lstm "
                                  f"(got {config.cell!r})")
     strategy = strategy or tf.distribute.get_strategy()
