@@ -223,9 +223,9 @@ def main() -> None:
     workdir = pathlib.Path(args.workdir)
     if not (workdir / "export").is_dir():
         parser.error(f"{workdir} has no export: train it first (see the docstring)")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = sentiment_deploy.run_config(workdir / "config.json")
     tokenizer = Tokenizer((workdir / "vocab.txt").read_text(encoding="utf-8").split("\n"),
-                          config.max_length)
+                          config.max_length, config.split, config.ngrams)
     data, texts = reviews(config, tokenizer, 32 * 20)
     with tempfile.TemporaryDirectory() as scratch:
         found = contenders(workdir, config, scratch, data[:32],

@@ -46,3 +46,14 @@ def copy_task_run(tmp_path_factory) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("copy_task_smoke")
     train.train_and_evaluate(copy_task.get_config("smoke"), str(workdir))
     return workdir
+
+
+@pytest.fixture(scope="session")
+def sentiment_zh_run(tmp_path_factory) -> pathlib.Path:
+    """A finished `configs/sentiment.py:zh_smoke` workdir (Chinese, character tokens)."""
+    from configs import sentiment
+    from recipes.sentiment import train
+
+    workdir = tmp_path_factory.mktemp("sentiment_zh_smoke")
+    train.train_and_evaluate(sentiment.get_config("zh_smoke"), str(workdir))
+    return workdir

@@ -5,9 +5,7 @@ ids), TensorFlow's `TextVectorization` (the tokenizer), the Keras step model
 (the streaming language model), and the TFLite op lists.
 """
 
-import json
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -68,12 +66,13 @@ def test_sentiment_onnx_batches_are_padding_invariant(sentiment_deployed):
 
 def test_sentiment_tokenizer_equals_the_in_graph_tokenization(sentiment_run):
     from recipes.sentiment import input_pipeline
+    from recipes.sentiment.deploy import run_config
     from recipes.sentiment.tokenizer import Tokenizer
 
-    config = ml_collections.ConfigDict(json.loads((sentiment_run / "config.json").read_text()))
+    config = run_config(sentiment_run / "config.json")
     vocab = (sentiment_run / "vocab.txt").read_text(encoding="utf-8").split("\n")
     vectorizer = input_pipeline.make_vectorizer(config, None, sentiment_run / "vocab.txt")
-    tokenizer = Tokenizer(vocab, config.max_length)
+    tokenizer = Tokenizer(vocab, config.max_length, config.split, config.ngrams)
     (reviews,) = input_pipeline.load_texts(config, ["test[:500]"])
     texts = [t.decode() for t, _ in reviews.as_numpy_iterator()] + TEXTS + [
         "x\u00a0y\u3000z\vw\x1c", "<BR/>tab\there", "l'été çà et là"]

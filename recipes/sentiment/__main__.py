@@ -10,6 +10,8 @@ Predict with the SavedModel export or any deployed model file:
     python -m recipes.sentiment predict --model=runs/sentiment/deploy/model_int8.tflite "Dull."
 Accuracy of any of them on a split (default: test):
     python -m recipes.sentiment evaluate --model=runs/sentiment/deploy/model_int8.tflite
+The gates, cell states and token influences of texts, from an export (a table, one PNG):
+    python -m recipes.sentiment explain --model=runs/sentiment_zh/export --out=zh.png "我爱中国"
 """
 
 import json
@@ -30,24 +32,26 @@ _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Same as --model (a SavedM
 _FORMAT = flags.DEFINE_list("format", ",".join(deploy.FORMATS),
                             f"For `export`: the formats to write ({', '.join(deploy.FORMATS)}).")
 _SPLIT = flags.DEFINE_string("split", "test", "For `evaluate`: the split of the run's dataset.")
+_OUT = flags.DEFINE_string("out", None, "For `explain`: the PNG to write.")
 _CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(configs.__file__), "sentiment.py"),
     "Config file, optionally with a variant: configs/sentiment.py:smoke.")
 
-COMMANDS = ("predict", "export", "evaluate")
+COMMANDS = ("predict", "export", "evaluate", "explain")
 
 
 def _model_flag(command: str) -> str:
     model = _MODEL.value or _EXPORT_DIR.value
     if not model:
-        raise errors.RecipeError(f"{command} needs --model=WORKDIR/export (or a deployed "
-                                 "model file, WORKDIR/deploy/model.tflite, ...)")
+        raise errors.RecipeError(f"{command} needs --model=WORKDIR/export" + (
+            "" if command == "explain" else
+            " (or a deployed model file, WORKDIR/deploy/model.tflite, ...)"))
     return model
 
 
 def main(argv: list[str]) -> None:
     command, args = (argv[1], argv[2:]) if len(argv) > 1 else ("train", [])
-    if command not in ("train", *COMMANDS) or (args and command != "predict"):
+    if command not in ("train", *COMMANDS) or (args and command not in ("predict", "explain")):
         raise errors.RecipeError(f"unknown command {' '.join(argv[1:])!r} "
                                  f"(known: {', '.join(COMMANDS)})")
     if command == "train":
@@ -59,7 +63,11 @@ def main(argv: list[str]) -> None:
         return
     from recipes.sentiment import deploy as sentiment_deploy
 
-    if command == "predict":
+    if command == "explain":
+        from recipes.sentiment import explain
+
+        explain.explain(_model_flag("explain"), args, _OUT.value)
+    elif command == "predict":
         sentiment_deploy.print_predictions(_model_flag("predict"), args)
     elif command == "export":
         if not _WORKDIR.value:

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from configs import sentiment as sentiment_config
 from recipes.common import checkpoints, deploy, exports, workdirs
 from recipes.common.errors import RecipeError
 from recipes.sentiment import input_pipeline
@@ -39,7 +39,14 @@ def finished_run(workdir: str) -> tuple[pathlib.Path, Any]:
     if missing:
         raise RecipeError(f"{path} holds no trained sentiment model ({missing[0].name} is "
                           "missing); pass the --workdir of a finished training run")
-    return path, ml_collections.ConfigDict(workdirs.read_json(path / "config.json"))
+    return path, run_config(path / "config.json")
+
+
+def run_config(path: pathlib.Path) -> Any:
+    """A run's resolved config (`config.json`); fields newer than the run get their defaults."""
+    config = sentiment_config.get_config()
+    config.update(workdirs.read_json(path))
+    return config
 
 
 def token_model(config: Any, workdir: pathlib.Path, batch_size: int | None = None,
@@ -58,7 +65,7 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
     out = path / "deploy"
     out.mkdir(exist_ok=True)
     vocab = (path / "vocab.txt").read_text(encoding="utf-8")
-    tokenizer = Tokenizer(vocab.split("\n"), config.max_length)
+    tokenizer = Tokenizer(vocab.split("\n"), config.max_length, config.split, config.ngrams)
     one_review = token_model(config, path, batch_size=1, masked=False)
     written = {}
     for name in formats:
@@ -75,7 +82,8 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
         written[name] = deploy.write(content, out / deploy.FILES[name])
     deploy.write(vocab.encode("utf-8"), out / "vocab.txt")
     empty = float(token_model(config, path)(np.zeros((1, 1), np.int64))[0, 0])
-    deploy.write(json.dumps({"max_length": config.max_length, "empty_probability": empty},
+    deploy.write(json.dumps({"max_length": config.max_length, "split": config.split,
+                             "ngrams": config.ngrams, "empty_probability": empty},
                             indent=2).encode(), out / "tokenizer.json")
     workdirs.unlock_workdir(path)
     return written
@@ -95,7 +103,7 @@ def config_of(model_path: str) -> Any:
     path = pathlib.Path(model_path).expanduser().resolve()
     for parent in list(path.parents)[:3]:
         if (parent / "config.json").is_file():
-            return ml_collections.ConfigDict(workdirs.read_json(parent / "config.json"))
+            return run_config(parent / "config.json")
     raise RecipeError(f"no config.json above {path}; pass a model inside a run's workdir "
                       "(WORKDIR/export/N or WORKDIR/deploy/FILE)")
 

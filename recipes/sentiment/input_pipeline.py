@@ -34,22 +34,55 @@ def load_texts(config: Any, splits: list[str]) -> list[tf.data.Dataset]:
         ) from None
 
 
+# ASCII punctuation, and the full-width and CJK punctuation of Chinese text (，。！？、：；“”
+# ‘’…—「」《》（）...: the CJK symbols block and the full-width forms of ASCII punctuation).
+PUNCTUATION = (r"[[:punct:]]|[\x{2014}\x{2018}\x{2019}\x{201C}\x{201D}\x{2026}"
+               r"\x{3000}-\x{303F}\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF20}\x{FF3B}-\x{FF40}"
+               r"\x{FF5B}-\x{FF65}]")
+
+
 @keras.saving.register_keras_serializable(package="recipes.sentiment")
 def standardize(text: tf.Tensor) -> tf.Tensor:
-    """Lower case, HTML line breaks and ASCII punctuation to spaces."""
+    """Lower case (ASCII), HTML line breaks and punctuation (ASCII, full-width) to spaces."""
     text = tf.strings.lower(text)
     text = tf.strings.regex_replace(text, r"<br\s*/?>", " ")
-    return tf.strings.regex_replace(text, r"[[:punct:]]", " ")
+    return tf.strings.regex_replace(text, PUNCTUATION, " ")
+
+
+@keras.saving.register_keras_serializable(package="recipes.sentiment")
+def split_characters(text: tf.Tensor) -> tf.RaggedTensor:
+    """`[batch]` strings → `[batch, (characters)]`: every character a token, spaces dropped."""
+    characters = tf.strings.unicode_split(text, "UTF-8")
+    return tf.ragged.boolean_mask(
+        characters, tf.logical_not(tf.strings.regex_full_match(characters, r"\s")))
+
+
+SPLITS = {"whitespace": "whitespace", "character": split_characters}
+
+
+def tokens(text: tf.Tensor, config: Any) -> tf.RaggedTensor:
+    """`[batch]` strings → `[batch, (tokens)]`, the strings the vectorizer maps to ids."""
+    standardized = standardize(text)
+    if config.split == "character":
+        pieces = split_characters(standardized)
+    else:
+        pieces = tf.strings.split(standardized)
+    if config.ngrams > 1:  # as TextVectorization: all 1-grams, then all 2-grams, ...
+        pieces = tf.strings.ngrams(pieces, tuple(range(1, config.ngrams + 1)), separator=" ")
+    return pieces[:, :config.max_length]
 
 
 def make_vectorizer(config: Any, train: tf.data.Dataset,
                     vocab_file: pathlib.Path) -> keras.layers.TextVectorization:
     """A `TextVectorization` with the training split's vocabulary.
 
-    The vocabulary is kept in `vocab_file`, so a resumed run reuses it.
+    Splits on whitespace or into characters (`config.split`), with n-grams up to
+    `config.ngrams`. The vocabulary is kept in `vocab_file`, so a resumed run
+    reuses it.
     """
     vectorizer = keras.layers.TextVectorization(
-        max_tokens=config.vocab_size, standardize=standardize, ragged=True)
+        max_tokens=config.vocab_size, standardize=standardize, split=SPLITS[config.split],
+        ngrams=config.ngrams if config.ngrams > 1 else None, ragged=True)
     if vocab_file.exists():
         vectorizer.set_vocabulary(vocab_file.read_text(encoding="utf-8").split("\n"))
     else:

@@ -18,8 +18,11 @@ import re
 
 _LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _BREAK = re.compile(r"<br[\t\n\f\r ]*/?>")  # RE2's \s: [\t\n\f\r ]
-_PUNCTUATION = re.compile(r"[!-/:-@\[-`{-~]")  # POSIX [[:punct:]] in ASCII
+_PUNCTUATION = re.compile(  # POSIX [[:punct:]] in ASCII, and input_pipeline.PUNCTUATION's rest
+    "[!-/:-@\\[-`{-~\u2014\u2018\u2019\u201c\u201d\u2026\u3000-\u303f\uff01-\uff0f"
+    "\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]")
 _SPACES = re.compile(r"[ \t\n\v\f\r]+")
+_CHARACTER_SPACES = " \t\n\f\r"  # RE2's \s, which the character split drops
 
 PADDING, UNKNOWN = 0, 1
 
@@ -33,19 +36,28 @@ def standardize(text: str) -> str:
 class Tokenizer:
     """Text → token ids, as the export's in-graph tokenization."""
 
-    def __init__(self, vocab: list[str], max_length: int) -> None:
+    def __init__(self, vocab: list[str], max_length: int, split: str = "whitespace",
+                 ngrams: int = 1) -> None:
         self.ids_of = {token: k + 2 for k, token in enumerate(vocab)}
-        self.max_length = max_length
+        self.max_length, self.split, self.ngrams = max_length, split, ngrams
 
     @classmethod
     def from_dir(cls, directory: pathlib.Path) -> Tokenizer:
         """The tokenizer of a deploy directory (`vocab.txt`, `tokenizer.json`)."""
         settings = json.loads((directory / "tokenizer.json").read_text())
         vocab = (directory / "vocab.txt").read_text(encoding="utf-8").split("\n")
-        return cls(vocab, settings["max_length"])
+        return cls(vocab, settings["max_length"], settings.get("split", "whitespace"),
+                   settings.get("ngrams", 1))
 
     def tokens(self, text: str) -> list[str]:
-        return [t for t in _SPACES.split(standardize(text)) if t]
+        """The tokens the ids are of (all of them: `ids` keeps the first `max_length`)."""
+        text = standardize(text)
+        if self.split == "character":
+            tokens = [c for c in text if c not in _CHARACTER_SPACES]
+        else:
+            tokens = [t for t in _SPACES.split(text) if t]
+        return [" ".join(tokens[i:i + n]) for n in range(1, self.ngrams + 1)
+                for i in range(len(tokens) - n + 1)]
 
     def ids(self, text: str) -> list[int]:
         """The ids of `text`'s first `max_length` tokens (no padding)."""

@@ -10,10 +10,12 @@ import tensorflow as tf
 from absl import logging
 
 from recipes.common import checkpoints, distribute, errors, exports, summaries, workdirs
-from recipes.sentiment import input_pipeline
+from recipes.sentiment import explain, input_pipeline
 from recipes.sentiment import model as models
 
 CONFIG_RULES = {
+    "split": (lambda v: v in input_pipeline.SPLITS, "'whitespace' or 'character'"),
+    "ngrams": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "vocab_size": (lambda v: isinstance(v, int) and v > 2, "an integer > 2"),
     "max_length": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "bucket_width": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
@@ -33,7 +35,8 @@ CONFIG_RULES = {
 
 def export(model: keras.Model, vectorizer: keras.layers.TextVectorization, config: Any,
            path: str) -> None:
-    """SavedModel `serving_default`: `text` `[batch]` string → probability, label."""
+    """SavedModel `serving_default`: `text` `[batch]` string → probability, label; and
+    `explain` (`explain.explain_function`): the gates of the first Bi-LSTM layer."""
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.track(vectorizer)
@@ -46,6 +49,7 @@ def export(model: keras.Model, vectorizer: keras.layers.TextVectorization, confi
                 "label": tf.cast(probability >= 0.5, tf.int32)}
 
     archive.add_endpoint("serving_default", serve)
+    archive.add_endpoint("explain", explain.explain_function(model, vectorizer, config))
     archive.write_out(path, verbose=False)
 
 
@@ -91,6 +95,7 @@ def train_and_evaluate(config: Any, workdir: str,
         summaries.StepSummaries(logdir / "metrics", config.log_every_steps),
         summaries.GateHistograms(logdir / "gates", input_pipeline.to_ids(
             vectorizer, sample_texts, config.max_length)),
+        explain.ExplainImages(logdir / "explain", config.explain_texts, vectorizer, config),
     ]
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
                         steps_per_epoch=steps_per_epoch, shuffle=False, callbacks=callbacks,
