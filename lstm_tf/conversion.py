@@ -157,7 +157,7 @@ def final_cell(x: tf.Tensor, outputs: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
     Returns:
         `[B, M]`, C_T (C_0 if there are no steps).
     """
-    h_prev = tf.concat([h0[:, None], outputs[:, :-1]], axis=1)
+    h_prev = tf.concat([h0[:, None], outputs], axis=1)[:, :-1]  # (also for no steps)
     z = tf.matmul(x, kernel) + tf.matmul(h_prev, recurrent_kernel) + bias
     z_i, z_f, z_c, _ = tf.split(z, 4, axis=-1)
     log_f = tf.math.log(tf.sigmoid(z_f))

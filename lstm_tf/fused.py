@@ -149,7 +149,7 @@ def _infer(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
         return (h, c, c_last), (h,)
 
     (_, _, c_last), (hs,) = _loop(steps, body, [h0, c0, c0], [(h0, h0.shape[-1])],
-                                  size=x.shape[1])
+                                  size=tf.shape(x)[1])
     return tf.transpose(hs, [1, 0, 2]), c_last
 
 

@@ -182,7 +182,7 @@ class LSTM(keras.layers.RNN):
         # stays the initial one, and there are no outputs.
         states = list(initial_state)
         nothing = lambda: (states[0], tf.zeros(  # noqa: E731
-            [tf.shape(sequences)[0], 0, self.units], sequences.dtype), states)
+            [tf.shape(sequences)[0], 0, self.cell.output_size], sequences.dtype), states)
         return tf.cond(tf.shape(sequences)[1] > 0, run, nothing)
 
     def _fused(self, sequences: Any, initial_state: Any, lengths: Any,
