@@ -128,3 +128,30 @@ def test_tensorboard_shows_the_explain_picture(sentiment_zh_run):
     assert "explain" in summary_tags(sentiment_zh_run / "tensorboard" / "explain")
     config = json.loads((sentiment_zh_run / "config.json").read_text())
     assert config["explain_texts"][0] == "我爱中国" and config["split"] == "character"
+
+
+def test_explain_with_ngrams_removes_single_tokens_only(tmp_path):
+    """With n-grams the model reads the characters, then their 2-grams; occlusion removes
+    characters (their n-grams go with them), an n-gram's own influence is NaN."""
+    from configs import sentiment
+    from recipes.sentiment import model as models
+
+    config = sentiment.get_config("zh_smoke")
+    config.ngrams = 2
+    texts = ["我爱中国", "好", "质量太差了"]
+    train = tf.data.Dataset.from_tensor_slices((texts, [1, 1, 0]))
+    vectorizer = input_pipeline.make_vectorizer(config, train, tmp_path / "vocab.txt")
+    model = models.create_model(config)
+
+    def predict(texts):
+        ids = input_pipeline.to_ids(vectorizer, tf.constant(texts), config.max_length)
+        return model(ids, training=False).numpy()[:, 0]
+
+    (result,) = explain.explanations(explain.explain_function(model, vectorizer, config),
+                                     predict, ["我爱中国"])
+    assert result["tokens"] == [*"我爱中国", "我 爱", "爱 中", "中 国"]
+    assert result["forget_gate"].shape == (2, 7, config.lstm_units)
+    expected = result["probability"] - predict(["爱中国", "我中国", "我爱国", "我爱中"])
+    np.testing.assert_allclose(result["influence"][:4], expected, atol=1e-6)
+    assert np.all(np.isnan(result["influence"][4:]))
+    assert "我 爱\t" in explain.table(result) and "\t-" in explain.table(result)

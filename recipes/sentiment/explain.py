@@ -71,7 +71,9 @@ def explanations(explain: Callable, predict: Callable[[list[str]], np.ndarray],
     """Per text: its tokens, gates and states (numpy, real tokens only) and influences.
 
     Influence of token k: P(positive | text) − P(positive | the text without token
-    k), by `predict` (occlusion: what the model says without it).
+    k), by `predict` (occlusion: what the model says without it). With n-grams
+    (tokens holding a space, after the single tokens), only the single tokens are
+    removed; an n-gram's influence is NaN.
     """
     out = {k: v.numpy() for k, v in explain(tf.constant(texts)).items()}
     results = []
@@ -83,8 +85,12 @@ def explanations(explain: Callable, predict: Callable[[list[str]], np.ndarray],
         for name in (*GATES, "cell_state", "hidden_state"):
             result[name] = out[name][row][:, :n]  # [2, n, units]
         separator = out["separator"][row].decode("utf-8")
-        without = [separator.join(tokens[:k] + tokens[k + 1:]) for k in range(n)]
-        result["influence"] = (result["probability"] - predict(without)) if n else np.zeros(0)
+        single = [t for t in tokens if " " not in t]
+        without = [separator.join(single[:k] + single[k + 1:]) for k in range(len(single))]
+        influence = np.full(n, np.nan)
+        if single:
+            influence[:len(single)] = result["probability"] - predict(without)
+        result["influence"] = influence
         results.append(result)
     return results
 
@@ -100,7 +106,9 @@ def table(result: dict[str, Any]) -> str:
         for d in range(2):
             cells += [f"{result[g][d, k].mean():.3f}" for g in GATES]
             cells.append(f"{np.linalg.norm(result['cell_state'][d, k]):.3f}")
-        lines.append("\t".join([token, *cells, f"{result['influence'][k]:+.4f}"]))
+        influence = result["influence"][k]
+        lines.append("\t".join([token, *cells, "-" if np.isnan(influence) else
+                                f"{influence:+.4f}"]))
     return "\n".join(lines)
 
 
@@ -154,8 +162,8 @@ def picture(results: list[dict[str, Any]]) -> bytes:
         row += 1
         axes = figure.add_subplot(grid[row])
         influence = result["influence"]
-        axes.bar(range(n), influence, color=["tab:green" if v >= 0 else "tab:red"
-                                             for v in influence])
+        axes.bar(range(n), np.nan_to_num(influence),
+                 color=["tab:green" if v >= 0 else "tab:red" for v in influence])
         axes.axhline(0, color="gray", linewidth=0.5)
         axes.set_xlim(-0.5, n - 0.5)
         axes.set_ylabel("influence\non P(pos)", fontsize=8)
