@@ -65,13 +65,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.ngrams = 3  # characters, then their 2- and 3-grams (Chinese words: 1-3 characters)
         config.vocab_size = 40000  # 4,428 characters in the training split, plus n-grams
         config.max_length = 900  # 3 x 300 characters (98 % of the reviews are shorter)
-        config.bucket_width = 50
+        config.bucket_width = 25
         config.embedding_dim = 64
         config.dropout = 0.5
         config.word_dropout = 0.4
         config.lstm_dropout = 0.2
         config.learning_rate = 5e-4
-        config.epochs = 5  # the best validation loss came at epoch 5 of 8 (then overfitting)
+        config.epochs = 8  # the checkpoint with the best validation loss is kept
         config.explain_texts = ("我爱中国", "这本书非常好，我很喜欢", "质量太差了，非常失望")
     if arg == "zh_smoke":
         config.log_every_steps = 5
