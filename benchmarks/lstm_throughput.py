@@ -164,8 +164,10 @@ def memory_child(name: str, steps: int, units: int) -> None:
 
     TensorFlow's CPU allocator statistics where it keeps them; where it does not
     (`reset_memory_stats` raises "Cannot reset memory stats" on some CPUs), the
-    growth of the process's peak resident set over the step (`ru_maxrss`), which
-    counts everything the step allocates, TensorFlow's pools included.
+    process's peak resident set (`ru_maxrss`) after the step minus its resident set
+    before it: it counts everything the step allocates, TensorFlow's pools included,
+    and is an upper bound (the peak may be the first, tracing call's, if that was
+    higher; memory the allocator kept from that call is reused, not counted).
     """
     train, _ = contender(name, units, steps)
     train()  # trace
@@ -182,7 +184,8 @@ def memory_child(name: str, steps: int, units: int) -> None:
 
 def _resident_mib() -> float:
     """The process's current resident memory (Linux `/proc/self/statm`)."""
-    pages = int(open("/proc/self/statm").read().split()[1])
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 

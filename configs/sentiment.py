@@ -5,9 +5,11 @@ Default (the real recipe):
 should reach 87.9 % test accuracy, in about 3 minutes on 2 CPU cores with AVX-512 (20 without)
 (README: Results).
 
-Variant `zh`: Chinese product reviews (TFDS `chinese_reviews`), every character a token:
+Variant `zh`: Chinese product reviews (TFDS `chinese_reviews`), every character a token, plus
+their 2- and 3-grams:
     python -m recipes.sentiment --workdir=runs/sentiment_zh --config=configs/sentiment.py:zh
-(README: Results gives its test accuracy and time).
+should reach 84.5 % test accuracy in about 12 minutes on 2 CPU cores without AVX-512 (README:
+Results).
 
 Variants `smoke` and `zh_smoke` (tests and CI; well under a minute on 2 cores):
     python -m recipes.sentiment --workdir=/tmp/smoke --config=configs/sentiment.py:smoke

@@ -233,11 +233,8 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
         if training and self.recurrent_dropout > 0:
             h_read = h_prev * self.get_recurrent_dropout_mask(h_prev)
         parts = self.step(inputs, h_read, c_prev)
-        h, c = parts["hidden"], parts["cell"]
-        if self.zoneout_h:
-            h = self._zoneout(h_prev, h, self.zoneout_h, training)
-        if self.zoneout_c:
-            c = self._zoneout(c_prev, c, self.zoneout_c, training)
+        h = self.zone_out(h_prev, parts["hidden"], self.zoneout_h, training)
+        c = self.zone_out(c_prev, parts["cell"], self.zoneout_c, training)
         return h, [h, c]
 
     def step(self, inputs: Any, h_prev: Any, c_prev: Any) -> dict[str, Any]:
@@ -296,9 +293,12 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
         parts = self.step(inputs, h_prev, c_prev)
         return parts["forget"], parts["input"], parts["candidate"], parts["output"]
 
-    def _zoneout(self, previous: Any, new: Any, rate: float, training: bool) -> Any:
-        """Each unit keeps its previous value with probability `rate` (training), else
-        the expectation."""
+    def zone_out(self, previous: Any, new: Any, rate: float, training: bool = False) -> Any:
+        """Zoneout of a state: in training each unit keeps its `previous` value with
+        probability `rate`; at inference the expectation, rate·previous + (1−rate)·new.
+        `new` itself when `rate` is 0."""
+        if not rate:
+            return new
         if not training:
             return rate * previous + (1.0 - rate) * new
         keep = keras.random.uniform(ops.shape(new), dtype=new.dtype,

@@ -178,7 +178,11 @@ _ONNX = contextvars.ContextVar("lstm_tf_onnx_graph", default=False)
 @contextlib.contextmanager
 def onnx_graph() -> Iterator[None]:
     """Inside, `lstm_tf.LSTM` traces its inference calls as the loop tf2onnx turns into ONNX's
-    `LSTM` op (see the module docstring); trace (or convert) the model inside it."""
+    `LSTM` op (see the module docstring); trace (or convert) the model inside it.
+
+    A mask becomes the op's `sequence_lens` (its count of True): masks must be
+    right-padded (real steps first) for the ONNX model to compute what the layer does.
+    """
     token = _ONNX.set(True)
     try:
         yield

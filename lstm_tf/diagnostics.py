@@ -26,8 +26,8 @@ def trace(layer: LSTM, sequences: Any, mask: Any = None) -> dict[str, tf.Tensor]
 
     Returns:
         `{"forget", "input", "output", "cell", "hidden"}`: f_t, i_t, o_t, C_t and
-        h_t, each `(batch, timesteps, units)` (h_t: `proj_size` wide with a
-        projection), and `"mask"` `(batch, timesteps)` bool.
+        h_t (after zoneout, as the layer carries them), each `(batch, timesteps,
+        units)` (h_t: `proj_size` wide with a projection), and `"mask"` `(batch, timesteps)` bool.
     """
     cell = layer.cell
     x = tf.convert_to_tensor(sequences, dtype=cell.compute_dtype)
@@ -41,6 +41,9 @@ def trace(layer: LSTM, sequences: Any, mask: Any = None) -> dict[str, tf.Tensor]
         h, c = carried[:2]
         x_t, keep = inputs
         parts = cell.step(x_t, h, c)
+        # What the layer carries (at inference, zoneout keeps the expectation).
+        parts["hidden"] = cell.zone_out(h, parts["hidden"], cell.zoneout_h)
+        parts["cell"] = cell.zone_out(c, parts["cell"], cell.zoneout_c)
         keep = keep[:, None]
         h = tf.where(keep, parts["hidden"], h)
         c = tf.where(keep, parts["cell"], c)

@@ -116,12 +116,15 @@ def _differentiable_inference(final_cell: bool) -> Any:
             # The training path's forward loop, kept gates and backward loop.
             d_hs = tf.zeros_like(hs) if d_hs is None else d_hs
             d_c = tf.zeros_like(c) if d_c is None else d_c
+            # Without `final_cell`, `c` is C_0 itself: its gradient goes straight to c0.
+            d_final, d_c0 = (d_c, 0.0) if final_cell else (tf.zeros_like(d_c), d_c)
             xw = tf.einsum("btd,dg->tbg", x, kernel)
             hs_t, _, _, cs, gates = compiled.forward_keeping_gates(
                 xw, lengths, h0, c0, recurrent_kernel, bias)
             dz, _, dh0, dc0, d_recurrent, d_bias = _gradient(
-                tf.transpose(d_hs, [1, 0, 2]), tf.zeros_like(h0), d_c, lengths, hs_t, cs,
+                tf.transpose(d_hs, [1, 0, 2]), tf.zeros_like(h0), d_final, lengths, hs_t, cs,
                 gates, h0, c0, recurrent_kernel)
+            dc0 = dc0 + d_c0
             dx = tf.einsum("tbg,dg->btd", dz, kernel)
             d_kernel = tf.einsum("btd,tbg->dg", x, dz)
             return dx, d_kernel, None, dh0, dc0, d_recurrent, d_bias, None

@@ -38,17 +38,18 @@ class LSTM(keras.layers.RNN):
             fixed batch size); clear it with `reset_state()`.
         unroll: Unroll the step loop (short sequences only).
         fused: `"auto"` (default) runs the fused path (`lstm_tf.fused`: the
-            input projection as one matmul, the recurrence compiled by XLA, a
-            hand-written gradient) when it applies and `units >= 256`, where
-            it measured faster than the step loop on a 2-core CPU (smaller
-            layers: not faster, see the README), and the step-by-step
-            `LSTMCell` loop otherwise; `False` always runs the step loop;
-            `True` always the fused path. It applies when
-            `activation="tanh"`, `recurrent_activation="sigmoid"`,
-            `recurrent_dropout=0`, `unroll=False`, and masks (if any) are
-            right-padded (real steps first; other masks raise an error on
-            this path: use `fused=False`). Both paths compute the same
-            function.
+            recurrence compiled by XLA, a hand-written gradient) where it
+            applies: for inference at any size (one compiled function), for
+            training when `units >= 256`, where it measured faster than the
+            step loop on a 2-core CPU (see the README); the step-by-step
+            `LSTMCell` loop otherwise. `False` always runs the step loop;
+            `True` the fused path wherever it applies. It applies to the plain
+            cell (no variant) with `activation="tanh"`,
+            `recurrent_activation="sigmoid"`, `unroll=False` and, in training,
+            `recurrent_dropout=0`. Masks must be right-padded (real steps
+            first) for it: at inference other masks run on the step loop; in
+            training they are an error (use `fused=False`). Both paths compute
+            the same function.
         **kwargs: Every `LSTMCell` argument (`activation`, `dropout`,
             `unit_forget_bias`, initializers, ...) and the usual layer
             arguments (`name`, `dtype`, ...).
@@ -123,7 +124,8 @@ class LSTM(keras.layers.RNN):
     def uses_fused_path(self, training: bool = True) -> bool:
         """Whether calls run on the fused path (`training`: training calls, else inference).
 
-        (Masks that are not right-padded always run on the step loop.)
+        (At inference, masks that are not right-padded run on the step loop; in
+        training on the fused path they are an error.)
         """
         if not self.can_fuse(training):
             return False

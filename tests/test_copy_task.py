@@ -189,6 +189,18 @@ def test_command_line(copy_task_run, tmp_path):
     assert_one_line_error(proc, "--config.delay=0 is invalid")
 
 
+def test_predict_lays_out_sequences_as_the_run_did(copy_task_run):
+    """`predict` uses the model's run's config (delay, symbols), not the command line's."""
+    from recipes.copy_task import deploy as copy_deploy
+
+    default, smoke = copy_config.get_config(), copy_config.get_config("smoke")
+    assert default.delay != smoke.delay and default.units != smoke.units
+    for model in (copy_task_run / "export", copy_task_run / "export" / "1"):
+        config = copy_deploy.config_of(str(model), default)
+        assert (config.delay, config.units) == (smoke.delay, smoke.units)
+    assert copy_deploy.config_of("/elsewhere/model.tflite", default) is default
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"delay": 0}, "--config.delay=0 is invalid"),
     ({"delay": -5}, "--config.delay=-5 is invalid"),

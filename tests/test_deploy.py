@@ -5,6 +5,7 @@ ids), TensorFlow's `TextVectorization` (the tokenizer), the Keras step model
 (the streaming language model), and the TFLite op lists.
 """
 
+import sys
 
 import numpy as np
 import pytest
@@ -175,6 +176,28 @@ def test_deploy_errors(tmp_path, sentiment_deployed):
         deploy.Model(tmp_path / "model.onnx")
     with pytest.raises(RecipeError, match="no model file"):
         deploy.Model(tmp_path / "missing.tflite")
+    from recipes.language_model.deploy import Streamer
+
+    with pytest.raises(RecipeError, match="no tokenizer beside"):
+        Streamer(sentiment_deployed / "deploy" / "model.tflite")
+    other = tmp_path / "other"  # another recipe's model and tokenizer, and a vocab.json
+    other.mkdir()
+    for name in ("model.tflite", "tokenizer.json"):
+        (other / name).write_bytes((sentiment_deployed / "deploy" / name).read_bytes())
+    (other / "vocab.json").write_text("[]")
+    with pytest.raises(RecipeError, match="has no 'level': .* is not a deployed language"):
+        Streamer(other / "model.tflite")
+
+
+@pytest.mark.parametrize("module, model", [("onnxruntime", "model.onnx"),
+                                           ("ai_edge_litert", "model.tflite")])
+def test_missing_runtime_is_one_line(monkeypatch, sentiment_deployed, module, model):
+    """Without the deploy extra, running a deployed model says what to install."""
+    for name in list(sys.modules):  # as if never installed: the import fails
+        if name == module or name.startswith(module + "."):
+            monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(RecipeError, match=rf"{module}\S* is not installed: .*\[deploy\]"):
+        deploy.Model(sentiment_deployed / "deploy" / model)
 
 
 def test_export_command_line(sentiment_deployed):

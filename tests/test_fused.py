@@ -118,3 +118,39 @@ def test_zero_step_batches(make, fused):
         assert outputs[0].shape[:2] == (0, steps)
         gradients = tape.gradient(loss, layer.trainable_weights)
         assert all(g is not None and not np.any(g.numpy()) for g in gradients)
+
+
+@pytest.mark.parametrize("final_cell", [True, False])
+def test_inference_gradient_equals_the_training_path(final_cell):
+    """`fused.inference`'s gradient (through the training path) = `fused.run`'s, for H and
+    for C (C_T, or C_0 itself without `final_cell`)."""
+    from lstm_tf import fused
+
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(size=(B, T, D)), tf.float32)
+    weights = [tf.constant(rng.normal(scale=0.5, size=s), tf.float32)
+               for s in ((D, 4 * U), (U, 4 * U), (4 * U,))]
+    h0, c0 = (tf.constant(rng.normal(size=(B, U)), tf.float32) for _ in range(2))
+    lengths = tf.constant([T, 5, 1, 0])
+
+    def gradients(run):
+        with tf.GradientTape() as tape:
+            tape.watch([x, h0, c0, *weights])
+            hs, c = run()
+            loss = tf.reduce_sum(tf.sin(hs)) + tf.reduce_sum(tf.cos(2.0 * c))
+        return tape.gradient(loss, [x, h0, c0, *weights])
+
+    kernel, recurrent_kernel, bias = weights
+
+    def reference():
+        xw = tf.einsum("btd,dg->tbg", x, kernel)
+        hs, _, c = fused.recurrence(xw, lengths, h0, c0, recurrent_kernel, bias)
+        return tf.transpose(hs, [1, 0, 2]), c if final_cell else c0
+
+    def inference():
+        hs, _, c = fused.inference(x, kernel, lengths, h0, c0, recurrent_kernel, bias,
+                                   final_cell=final_cell)
+        return hs, c
+
+    for a, b in zip(gradients(reference), gradients(inference), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

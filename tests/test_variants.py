@@ -183,12 +183,13 @@ def test_serializes_wraps_and_exports(variant, tmp_path):
 
 
 def test_trace_records_every_part_aligned_to_the_positions():
-    """`trace`'s h_t are the layer's outputs, at each step's position, masked steps zero."""
+    """`trace`'s h_t are the layer's outputs (after zoneout), at each step's position,
+    masked steps zero."""
     x, _ = _inputs()
     mask = np.arange(T)[None] < np.array([T, 4, 1])[:, None]
-    for go_backwards in (False, True):
-        layer = lstm_tf.LSTM(U, return_sequences=True, go_backwards=go_backwards,
-                             use_peepholes=True)
+    for go_backwards, variant in ((False, {"use_peepholes": True}), (True, {"use_peepholes": True}),
+                                  (False, {"zoneout_h": 0.3, "zoneout_c": 0.6})):
+        layer = lstm_tf.LSTM(U, return_sequences=True, go_backwards=go_backwards, **variant)
         outputs = layer(x, mask=mask).numpy()
         if go_backwards:  # Keras returns the steps in the order they were read
             outputs = outputs[:, ::-1]

@@ -15,6 +15,7 @@ needs only LiteRT (`ai-edge-litert`) or onnxruntime at run time.
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import tempfile
 import warnings
@@ -35,6 +36,24 @@ FORMATS = tuple(FILES)
 ONNX_OPSET = 17
 # Ops a TFLite model must not contain: a loop instead of the fused LSTM op, or TF ops.
 UNWANTED_TFLITE_OPS = ("WHILE", "IF", "CALL_ONCE", "FLEX", "CUSTOM")
+
+
+def optional(module: str) -> Any:
+    """`import module` (LiteRT, onnxruntime, tf2onnx), or `RecipeError` saying how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise RecipeError(f"{e.name} is not installed: deployed models need the deploy extra "
+                          "(pip install -e '.[deploy]')") from None
+
+
+def run_config_file(model_path: str) -> pathlib.Path | None:
+    """The `config.json` of the run a model belongs to (in a directory above it), if any."""
+    path = pathlib.Path(model_path).expanduser().resolve()
+    for parent in list(path.parents)[:3]:
+        if (parent / "config.json").is_file():
+            return parent / "config.json"
+    return None
 
 
 def check_formats(formats: Iterable[str]) -> list[str]:
@@ -88,11 +107,11 @@ def named_outputs(model: keras.Model, names: list[str] | None = None
 
 def tflite_ops(content: bytes) -> set[str]:
     """The names of the ops in a TFLite model."""
-    from ai_edge_litert.interpreter import Interpreter
-
+    interpreter = optional("ai_edge_litert.interpreter")
     # (`_get_ops_details` is LiteRT's only way to list ops from Python; TF's
     # `Analyzer` prints them from C++.)
-    return {op["op_name"] for op in Interpreter(model_content=content)._get_ops_details()}
+    return {op["op_name"] for op in
+            interpreter.Interpreter(model_content=content)._get_ops_details()}
 
 
 def unwanted_ops(content: bytes) -> list[str]:
@@ -101,8 +120,19 @@ def unwanted_ops(content: bytes) -> list[str]:
                   if any(op.startswith(bad) for bad in UNWANTED_TFLITE_OPS))
 
 
+def check_builtin(name: str, content: bytes) -> bytes:
+    """`content`, a TFLite model, or `RecipeError` if it holds a loop, Flex or custom op."""
+    unwanted = unwanted_ops(content)
+    if unwanted:
+        raise RecipeError(f"--format={name}: the converted model holds {', '.join(unwanted)} "
+                          "(not the fused LSTM op); a layer of the model cannot be fused "
+                          "(see the conversion's warning)")
+    return content
+
+
 def onnx(function: Callable[..., Any], input_signature: list[tf.TensorSpec]) -> bytes:
     """`function` of tensors as a serialized ONNX model (tf2onnx, ONNX LSTM ops)."""
+    optional("tf2onnx")
     return conversion.to_onnx(function, input_signature, opset=ONNX_OPSET).SerializeToString()
 
 
@@ -125,17 +155,14 @@ class Model:
             raise RecipeError(f"no model file {self.path}; write it with the recipe's "
                               "`export --workdir=WORKDIR` command")
         self.format = "onnx" if self.path.suffix == ".onnx" else "tflite"
+        runtime = optional("onnxruntime" if self.format == "onnx" else "ai_edge_litert.interpreter")
         try:
             if self.format == "onnx":
-                import onnxruntime
-
-                self._session = onnxruntime.InferenceSession(
+                self._session = runtime.InferenceSession(
                     str(self.path), providers=["CPUExecutionProvider"])
                 self.input_names = [i.name for i in self._session.get_inputs()]
             else:
-                from ai_edge_litert.interpreter import Interpreter
-
-                self._interpreter = Interpreter(model_path=str(self.path))
+                self._interpreter = runtime.Interpreter(model_path=str(self.path))
                 self._runner = self._interpreter.get_signature_runner()
                 self.input_names = sorted(self._runner.get_input_details())
         except (ValueError, RuntimeError) as e:

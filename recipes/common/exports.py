@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import pathlib
 import shutil
@@ -20,9 +21,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(root: pathlib.Path) -> None:
-    """Removes `.tmp-*-PID` entries of `root` whose process is gone (a killed export)."""
-    for stale in root.glob(".tmp-*"):
+def remove_stale_temporaries(root: pathlib.Path, name: str = "") -> None:
+    """Removes the `.tmp-NAME-*PID` entries of `root` (all `.tmp-*` without `name`) whose
+    process is gone: what a killed `write_atomically` of `root/NAME` left."""
+    for stale in root.glob(f".tmp-{glob.escape(name)}*" if name else ".tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or not _alive(int(pid)):
             if stale.is_dir():
@@ -39,7 +41,7 @@ def write_atomically(write: Callable[[str], None], final: pathlib.Path) -> pathl
     new one is complete.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final.parent)
+    remove_stale_temporaries(final.parent, final.name)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     try:
         write(str(tmp))
@@ -66,6 +68,7 @@ def export_saved_model(write: Callable[[str], None], workdir: pathlib.Path) -> p
     """
     root = workdir / "export"
     root.mkdir(exist_ok=True)
+    remove_stale_temporaries(root)  # every killed export's (the directory is ours)
     versions = [int(p.name) for p in root.iterdir() if p.name.isdigit()]
     return write_atomically(write, root / str(max(versions, default=0) + 1))
 
@@ -79,6 +82,6 @@ def latest_export(export_dir: str) -> pathlib.Path:
                       and (p / "saved_model.pb").exists()) if path.is_dir() else []
     if not versions:
         raise RecipeError(
-            f"no SavedModel in {path}; pass --export_dir=WORKDIR/export (or a version in it)"
+            f"no SavedModel in {path}; pass a run's WORKDIR/export (or a version in it)"
         )
     return versions[-1][1]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
 import os
 import pathlib
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -62,6 +64,16 @@ def lock_workdir(path: pathlib.Path) -> None:
     lock.write(str(os.getpid()))
     lock.flush()
     _locks[path] = lock
+
+
+@contextlib.contextmanager
+def locked(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """`lock_workdir(path)` for the body of a `with` (released however it ends)."""
+    lock_workdir(path)
+    try:
+        yield path
+    finally:
+        unlock_workdir(path)
 
 
 def unlock_workdir(path: pathlib.Path) -> None:

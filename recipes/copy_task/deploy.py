@@ -54,22 +54,20 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
     """Writes the `formats` of `workdir`'s model into `workdir/deploy/`; returns their paths."""
     formats = deploy.check_formats(formats)
     path, config = finished_run(workdir)
-    workdirs.lock_workdir(path)
-    out = path / "deploy"
-    out.mkdir(exist_ok=True)
-    written = {}
-    for name in formats:
-        if name == "onnx":
-            content = deploy.onnx(deploy.named_outputs(predictions_model(config, path)), [
-                tf.TensorSpec([None, None], tf.int32, name="inputs")])
-        else:
-            quantization = name.removeprefix("tflite").removeprefix("_")
-            content = deploy.tflite(predictions_model(config, path, batch_size=1),
-                                    quantization, lambda: _calibration(config))
-            if deploy.unwanted_ops(content):
-                raise AssertionError(f"{name}: {deploy.unwanted_ops(content)}")
-        written[name] = deploy.write(content, out / deploy.FILES[name])
-    workdirs.unlock_workdir(path)
+    with workdirs.locked(path):
+        out = path / "deploy"
+        out.mkdir(exist_ok=True)
+        written = {}
+        for name in formats:
+            if name == "onnx":
+                content = deploy.onnx(deploy.named_outputs(predictions_model(config, path)), [
+                    tf.TensorSpec([None, None], tf.int32, name="inputs")])
+            else:
+                quantization = name.removeprefix("tflite").removeprefix("_")
+                content = deploy.tflite(predictions_model(config, path, batch_size=1),
+                                        quantization, lambda: _calibration(config))
+                deploy.check_builtin(name, content)
+            written[name] = deploy.write(content, out / deploy.FILES[name])
     return written
 
 
@@ -94,10 +92,23 @@ def predict(model_path: str, inputs: np.ndarray) -> np.ndarray:
                            for row in inputs])
 
 
+def config_of(model_path: str, config: Any) -> Any:
+    """The config of the model's run (`config` updated from its `config.json`), or
+    `config` itself for a model outside a run's workdir."""
+    found = deploy.run_config_file(model_path)
+    if not found:
+        return config
+    config = config.copy_and_resolve_references()
+    config.update(workdirs.read_json(found))
+    return config
+
+
 def show_predictions(model_path: str, config: Any, rows: int = 3) -> list[str]:
-    """Held-out sequences at the config's delay: their symbols and the model's copies."""
+    """Held-out sequences laid out as the model's run did (`config_of`): their symbols and
+    the model's copies."""
     from recipes.copy_task import input_pipeline
 
+    config = config_of(model_path, config)
     inputs, targets = input_pipeline.held_out(config)
     predictions = predict(model_path, inputs[:rows])
     n = config.copy_length

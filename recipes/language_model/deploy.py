@@ -57,35 +57,36 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
             "(a segmentation fault) running a full-integer LSTM whose state is a model "
             "input; tflite_dynamic has int8 weights")
     path, config, vocab = finished_run(workdir)
-    workdirs.lock_workdir(path)
-    out = path / "deploy"
-    out.mkdir(exist_ok=True)
-    streaming = trained_step_model(config, vocab, path, batch_size=1, steps=1, masked=False)
-    names = output_names(config)
-    written = {}
-    for name in formats:
-        if name == "onnx":
-            model = trained_step_model(config, vocab, path)
-            content = deploy.onnx(deploy.named_outputs(model, names), [
-                tf.TensorSpec(i.shape, i.dtype, name=i.name) for i in model.inputs])
-        else:
-            content = deploy.tflite(streaming, name.removeprefix("tflite").removeprefix("_"),
-                                    output_names=names)
-            if deploy.unwanted_ops(content):
-                raise AssertionError(f"{name}: {deploy.unwanted_ops(content)}")
-        written[name] = deploy.write(content, out / deploy.FILES[name])
-    deploy.write(json.dumps(vocab, ensure_ascii=False).encode("utf-8"), out / "vocab.json")
-    settings = {k: config[k] for k in ("level", "start_token", "unknown_token", "units",
-                                       "num_layers")}
-    deploy.write(json.dumps(settings, indent=2, ensure_ascii=False).encode("utf-8"),
-                 out / "tokenizer.json")
-    workdirs.unlock_workdir(path)
+    with workdirs.locked(path):
+        out = path / "deploy"
+        out.mkdir(exist_ok=True)
+        streaming = trained_step_model(config, vocab, path, batch_size=1, steps=1, masked=False)
+        names = output_names(config)
+        written = {}
+        for name in formats:
+            if name == "onnx":
+                model = trained_step_model(config, vocab, path)
+                content = deploy.onnx(deploy.named_outputs(model, names), [
+                    tf.TensorSpec(i.shape, i.dtype, name=i.name) for i in model.inputs])
+            else:
+                content = deploy.tflite(streaming, name.removeprefix("tflite").removeprefix("_"),
+                                        output_names=names)
+                deploy.check_builtin(name, content)
+            written[name] = deploy.write(content, out / deploy.FILES[name])
+        deploy.write(json.dumps(vocab, ensure_ascii=False).encode("utf-8"), out / "vocab.json")
+        settings = {k: config[k] for k in SETTINGS}
+        deploy.write(json.dumps(settings, indent=2, ensure_ascii=False).encode("utf-8"),
+                     out / "tokenizer.json")
     return written
 
 
 def output_names(config: Any) -> list[str]:
     """`logits`, then `h0_out, c0_out, h1_out, ...`: the deployed step model's outputs."""
     return ["logits", *(f"{k}{i}_out" for i in range(config.num_layers) for k in "hc")]
+
+
+# What `Streamer` needs of the run's config (`tokenizer.json` beside the model).
+SETTINGS = ("level", "start_token", "unknown_token", "units", "num_layers")
 
 
 class Streamer:
@@ -100,6 +101,10 @@ class Streamer:
         except (OSError, ValueError) as e:
             raise RecipeError(f"no tokenizer beside {self.model.path} ({e}); deploy "
                               "directories hold vocab.json and tokenizer.json") from None
+        missing = [k for k in SETTINGS if k not in self.settings]
+        if missing:
+            raise RecipeError(f"{directory / 'tokenizer.json'} has no {missing[0]!r}: "
+                              f"{self.model.path} is not a deployed language model")
         self.tokens = [self.settings["unknown_token"], *vocab]  # id 0: unknown
         self.ids_of = {token: k for k, token in enumerate(self.tokens)}
 

@@ -61,31 +61,29 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
     """Writes the `formats` of `workdir`'s model into `workdir/deploy/`; returns their paths."""
     formats = deploy.check_formats(formats)
     path, config = finished_run(workdir)
-    workdirs.lock_workdir(path)
-    out = path / "deploy"
-    out.mkdir(exist_ok=True)
-    vocab = (path / "vocab.txt").read_text(encoding="utf-8")
-    tokenizer = Tokenizer(vocab.split("\n"), config.max_length, config.split, config.ngrams)
-    one_review = token_model(config, path, batch_size=1, masked=False)
-    written = {}
-    for name in formats:
-        if name == "onnx":
-            model = token_model(config, path)
-            content = deploy.onnx(deploy.named_outputs(model), [
-                tf.TensorSpec([None, None], tf.int64, name="tokens")])
-        else:
-            quantization = name.removeprefix("tflite").removeprefix("_")
-            content = deploy.tflite(one_review, quantization,
-                                    lambda: _representative(config, tokenizer))
-            if deploy.unwanted_ops(content):
-                raise AssertionError(f"{name}: {deploy.unwanted_ops(content)}")
-        written[name] = deploy.write(content, out / deploy.FILES[name])
-    deploy.write(vocab.encode("utf-8"), out / "vocab.txt")
-    empty = float(token_model(config, path)(np.zeros((1, 1), np.int64))[0, 0])
-    deploy.write(json.dumps({"max_length": config.max_length, "split": config.split,
-                             "ngrams": config.ngrams, "empty_probability": empty},
-                            indent=2).encode(), out / "tokenizer.json")
-    workdirs.unlock_workdir(path)
+    with workdirs.locked(path):
+        out = path / "deploy"
+        out.mkdir(exist_ok=True)
+        vocab = (path / "vocab.txt").read_text(encoding="utf-8")
+        tokenizer = Tokenizer(vocab.split("\n"), config.max_length, config.split, config.ngrams)
+        one_review = token_model(config, path, batch_size=1, masked=False)
+        written = {}
+        for name in formats:
+            if name == "onnx":
+                model = token_model(config, path)
+                content = deploy.onnx(deploy.named_outputs(model), [
+                    tf.TensorSpec([None, None], tf.int64, name="tokens")])
+            else:
+                quantization = name.removeprefix("tflite").removeprefix("_")
+                content = deploy.tflite(one_review, quantization,
+                                        lambda: _representative(config, tokenizer))
+                deploy.check_builtin(name, content)
+            written[name] = deploy.write(content, out / deploy.FILES[name])
+        deploy.write(vocab.encode("utf-8"), out / "vocab.txt")
+        empty = float(token_model(config, path)(np.zeros((1, 1), np.int64))[0, 0])
+        deploy.write(json.dumps({"max_length": config.max_length, "split": config.split,
+                                 "ngrams": config.ngrams, "empty_probability": empty},
+                                indent=2).encode(), out / "tokenizer.json")
     return written
 
 
@@ -100,10 +98,10 @@ def _representative(config: Any, tokenizer: Tokenizer) -> Any:
 
 def config_of(model_path: str) -> Any:
     """The config of the run a model belongs to (`config.json` in a directory above it)."""
+    found = deploy.run_config_file(model_path)
+    if found:
+        return run_config(found)
     path = pathlib.Path(model_path).expanduser().resolve()
-    for parent in list(path.parents)[:3]:
-        if (parent / "config.json").is_file():
-            return run_config(parent / "config.json")
     raise RecipeError(f"no config.json above {path}; pass a model inside a run's workdir "
                       "(WORKDIR/export/N or WORKDIR/deploy/FILE)")
 

@@ -199,13 +199,15 @@ def _cjk_font() -> str | None:
 def explain(export_dir: str, texts: list[str], out: str) -> list[dict[str, Any]]:
     """The `explain` command: prints a table per text and writes one PNG to `out`."""
     if not texts:
-        raise RecipeError('explain needs texts: explain --export_dir=DIR --out=FILE.png "text"')
+        raise RecipeError('explain needs texts: explain --model=EXPORT --out=FILE.png "text"')
     if not out:
         raise RecipeError("explain needs --out=FILE.png")
     path = pathlib.Path(out).expanduser()
     try:  # before any work: a picture that cannot be written is a mistake to report now
-        with open(path.with_name(f".{path.name}.tmp-{os.getpid()}"), "wb"):
+        probe = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+        with open(probe, "wb"):
             pass
+        probe.unlink()
     except OSError as e:
         raise RecipeError(f"cannot write {path} ({e.strerror or e})") from None
     exported = exports.latest_export(export_dir)
