@@ -56,6 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # training matches one device up to rounding (replicas average their mean losses).
     config.drop_remainder = False
     config.log_every_steps = 50  # TensorBoard step scalars (0: off)
+    # Deployment (`export`): training reviews calibrating the full-integer (int8) model.
+    config.calibration_reviews = 1000
     # Texts whose gates and token influences TensorBoard shows every epoch (`explain`).
     config.explain_texts = ("A wonderful, moving film.", "Dull, and far too long.")
     config.seed = 0
@@ -90,6 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.epochs = 2
         config.learning_rate = 1e-3
         config.shuffle_buffer = 768
+        config.calibration_reviews = 64
     if arg == "smoke":
         config.log_every_steps = 5
         config.train_split = "train[:512]"
@@ -103,6 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.batch_size = 32
         config.epochs = 2
         config.shuffle_buffer = 512
+        config.calibration_reviews = 64
     elif arg not in (None, "", "zh", "zh_smoke"):
         raise ValueError(f"unknown variant {arg!r} of configs/sentiment.py "
                          "(known: smoke, zh, zh_smoke)")

@@ -28,15 +28,20 @@ def _results(workdir: pathlib.Path) -> dict:
 
 def test_killed_run_resumes_and_ends_as_if_never_killed(tmp_path):
     uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
-    run_recipe("sentiment", f"--workdir={uninterrupted}", *SENTIMENT)
 
-    args = [sys.executable, "-m", "recipes.sentiment", f"--workdir={killed}", *SENTIMENT]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    def start(workdir: pathlib.Path) -> subprocess.Popen:
+        with open(tmp_path / f"{workdir.name}.log", "w") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "recipes.sentiment", f"--workdir={workdir}",
+                 *SENTIMENT], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+
+    reference = start(uninterrupted)  # (alongside: one core each)
+    proc = start(killed)
     metadata = killed / "backup" / "state" / "training_metadata.json"
     wait_until(metadata.exists, proc)  # epoch 1 is backed up: the run is past it
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert reference.wait() == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
     assert json.loads(metadata.read_text())["epoch"] == 1, "not killed during epoch 2"
     assert not (killed / "metrics.json").exists()
     _assert_damaged_backups_are_named(killed, tmp_path)

@@ -114,15 +114,18 @@ def test_projection_matches_torch():
     assert ours[0].shape == (B, T, P) and ours[2].shape == (B, U)
 
 
+@pytest.mark.filterwarnings("ignore:lstm_tf.LSTM .* cannot express this call")  # (TFLite's)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_gradients_match_finite_differences(variant):
-    """Through inputs, initial states and every weight (float64; zoneout: inference)."""
+    """Through inputs, initial states and every weight (float64; zoneout: inference;
+    in a `tf.function`: the hundreds of evaluations run as one graph each)."""
     layer = _layer(variant, dtype="float64")
     x, rng = _inputs("float64")
     h0 = rng.normal(size=(B, layer.cell.state_size[0]))
     c0 = rng.normal(size=(B, U))
     weights = rng.normal(size=(B, T, layer.cell.output_size))
 
+    @tf.function
     def loss(x, h0, c0):
         outputs, h, c = layer(x, initial_state=[h0, c0])
         return tf.reduce_sum(weights * outputs) + tf.reduce_sum(h ** 2) + tf.reduce_sum(c)

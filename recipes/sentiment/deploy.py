@@ -28,8 +28,6 @@ from recipes.sentiment import input_pipeline
 from recipes.sentiment import model as models
 from recipes.sentiment.tokenizer import Tokenizer
 
-REPRESENTATIVE_REVIEWS = 1000  # int8 calibration: training reviews, each at its true length
-
 
 def finished_run(workdir: str) -> tuple[pathlib.Path, Any]:
     """A workdir with a trained model (best checkpoint), and its config."""
@@ -88,9 +86,10 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
 
 
 def _representative(config: Any, tokenizer: Tokenizer) -> Any:
-    """Calibration inputs for int8: training reviews, one at a time at their true lengths."""
+    """Calibration inputs for int8: the first `config.calibration_reviews` training reviews,
+    one at a time at their true lengths."""
     train, _, _ = input_pipeline.load_splits(config)
-    for text, _ in train.take(REPRESENTATIVE_REVIEWS):
+    for text, _ in train.take(config.calibration_reviews):
         ids = tokenizer.ids(text.numpy().decode("utf-8"))
         if ids:
             yield {"tokens": np.array([ids], np.int64)}
