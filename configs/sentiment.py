@@ -77,23 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.learning_rate = 5e-4
         config.epochs = 8  # the checkpoint with the best validation loss is kept
         config.explain_texts = ("我爱中国", "这本书非常好，我很喜欢", "质量太差了，非常失望")
-    if arg == "zh_smoke":
-        config.log_every_steps = 5
-        config.ngrams = 1
-        config.train_split = "train[:768]"
-        config.validation_split = "train[-128:]"
-        config.test_split = "test[:256]"
-        config.vocab_size = 1000
-        config.max_length = 64
-        config.bucket_width = 16
-        config.embedding_dim = 16
-        config.lstm_units = 8
-        config.batch_size = 32
-        config.epochs = 2
-        config.learning_rate = 1e-3
-        config.shuffle_buffer = 768
-        config.calibration_reviews = 64
-    if arg == "smoke":
+    if arg in ("smoke", "zh_smoke"):
         config.log_every_steps = 5
         config.train_split = "train[:512]"
         config.validation_split = "train[-128:]"
@@ -105,9 +89,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.lstm_units = 8
         config.batch_size = 32
         config.epochs = 2
+        config.learning_rate = 1e-3
         config.shuffle_buffer = 512
         config.calibration_reviews = 64
-    elif arg not in (None, "", "zh", "zh_smoke"):
+    if arg == "zh_smoke":
+        config.ngrams = 1
+        config.train_split = "train[:768]"
+        config.vocab_size = 1000
+        config.shuffle_buffer = 768
+    elif arg not in (None, "", "smoke", "zh"):
         raise ValueError(f"unknown variant {arg!r} of configs/sentiment.py "
                          "(known: smoke, zh, zh_smoke)")
     return config

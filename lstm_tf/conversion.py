@@ -106,6 +106,18 @@ def composite(go_backwards: bool) -> tf.types.experimental.GenericFunction:
     return tf.function(lstm, autograph=False, experimental_attributes=attributes)
 
 
+def _weights_and_state(layer: Any, initial_state: list) -> tuple:
+    """`(kernel, recurrent_kernel, bias, h0, c0)` of a call, as tensors (bias: zeros
+    without one)."""
+    cell = layer.cell
+    kernel = tf.convert_to_tensor(cell.kernel)
+    recurrent_kernel = tf.convert_to_tensor(cell.recurrent_kernel)
+    bias = (tf.convert_to_tensor(cell.bias) if cell.use_bias
+            else tf.zeros([4 * cell.units], kernel.dtype))
+    h0, c0 = (tf.convert_to_tensor(s) for s in initial_state)
+    return kernel, recurrent_kernel, bias, h0, c0
+
+
 def run(layer: Any, sequences: tf.Tensor, initial_state: list[tf.Tensor],
         final_cell_state: bool) -> tuple:
     """`layer`'s unmasked inference over `sequences` through `composite`.
@@ -114,12 +126,7 @@ def run(layer: Any, sequences: tf.Tensor, initial_state: list[tf.Tensor],
     with `final_cell_state`, c is rebuilt from the outputs (see the module
     docstring), else it is the function's own (which TFLite leaves as zeros).
     """
-    cell = layer.cell
-    kernel = tf.convert_to_tensor(cell.kernel)
-    recurrent_kernel = tf.convert_to_tensor(cell.recurrent_kernel)
-    bias = (tf.convert_to_tensor(cell.bias) if cell.use_bias
-            else tf.zeros([4 * cell.units], kernel.dtype))
-    h0, c0 = (tf.convert_to_tensor(s) for s in initial_state)
+    kernel, recurrent_kernel, bias, h0, c0 = _weights_and_state(layer, initial_state)
     # TFLite's fused op writes its final state into its state operands, which it
     # keeps between invocations if they are constants (the default zero state)
     # and which are the caller's tensors if they are inputs. So it gets fresh
@@ -132,7 +139,7 @@ def run(layer: Any, sequences: tf.Tensor, initial_state: list[tf.Tensor],
     last_output, outputs, _, c, _ = composite(layer.go_backwards)(
         sequences, *state, kernel, recurrent_kernel, bias)
     # (A function's outputs have the shapes of its trace; the call's are known here.)
-    shape = sequences.shape[:2].concatenate([cell.units])
+    shape = sequences.shape[:2].concatenate([layer.cell.units])
     outputs, last_output, c = (fused_lib.with_shape(t, s) for t, s in (
         (outputs, shape), (last_output, shape[::2]), (c, shape[::2])))
     if final_cell_state:
@@ -226,12 +233,7 @@ def run_onnx(layer: Any, sequences: tf.Tensor, initial_state: list[tf.Tensor],
     `(last_output, outputs, [h, c])` like `keras.layers.RNN.inner_loop`; the
     final state comes from the outputs, so that nothing else reads the loop.
     """
-    cell = layer.cell
-    kernel = tf.convert_to_tensor(cell.kernel)
-    recurrent_kernel = tf.convert_to_tensor(cell.recurrent_kernel)
-    bias = (tf.convert_to_tensor(cell.bias) if cell.use_bias
-            else tf.zeros([4 * cell.units], kernel.dtype))
-    h0, c0 = (tf.convert_to_tensor(s) for s in initial_state)
+    kernel, recurrent_kernel, bias, h0, c0 = _weights_and_state(layer, initial_state)
     steps = tf.shape(sequences)[1]
     lengths = (tf.fill(tf.shape(sequences)[:1], steps) if mask is None
                else tf.reduce_sum(tf.cast(mask, tf.int32), axis=1))

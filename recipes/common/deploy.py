@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from lstm_tf import conversion
-from recipes.common import exports
+from recipes.common import checkpoints, exports
 from recipes.common.errors import RecipeError
 
 FILES = {"tflite": "model.tflite", "tflite_dynamic": "model_dynamic.tflite",
@@ -45,6 +45,18 @@ def optional(module: str) -> Any:
     except ModuleNotFoundError as e:
         raise RecipeError(f"{e.name} is not installed: deployed models need the deploy extra "
                           "(pip install -e '.[deploy]')") from None
+
+
+def finished_workdir(workdir: str, what: str, *files: str) -> pathlib.Path:
+    """`workdir`, resolved, if it holds a finished run (`config.json`, `files`, the best
+    checkpoint); else `RecipeError` naming what is missing (`what`: the recipe's model)."""
+    path = pathlib.Path(workdir).expanduser().resolve()
+    needed = [path / "config.json", *(path / f for f in files), checkpoints.best_checkpoint(path)]
+    missing = [p for p in needed if not p.exists()]
+    if missing:
+        raise RecipeError(f"{path} holds no trained {what} ({missing[0].name} is missing); "
+                          "pass the --workdir of a finished training run")
+    return path
 
 
 def run_config_file(model_path: str) -> pathlib.Path | None:

@@ -24,12 +24,7 @@ from recipes.copy_task import model as models
 
 def finished_run(workdir: str) -> tuple[pathlib.Path, Any]:
     """A workdir with a trained LSTM copy model, and its config."""
-    path = pathlib.Path(workdir).expanduser().resolve()
-    needed = [path / "config.json", checkpoints.best_checkpoint(path)]
-    missing = [p for p in needed if not p.exists()]
-    if missing:
-        raise RecipeError(f"{path} holds no trained copy-task model ({missing[0].name} is "
-                          "missing); pass the --workdir of a finished training run")
+    path = deploy.finished_workdir(workdir, "copy-task model")
     config = ml_collections.ConfigDict(workdirs.read_json(path / "config.json"))
     if config.cell != "lstm":
         raise RecipeError(f"export is for the LSTM (this run's cell is {config.cell!r}: "

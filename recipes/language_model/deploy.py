@@ -28,12 +28,7 @@ from recipes.language_model import model as models
 
 def finished_run(workdir: str) -> tuple[pathlib.Path, Any, list[str]]:
     """A workdir with a trained model, its config and its vocabulary."""
-    path = pathlib.Path(workdir).expanduser().resolve()
-    needed = [path / "config.json", path / "vocab.json", checkpoints.best_checkpoint(path)]
-    missing = [p for p in needed if not p.exists()]
-    if missing:
-        raise RecipeError(f"{path} holds no trained language model ({missing[0].name} is "
-                          "missing); pass the --workdir of a finished training run")
+    path = deploy.finished_workdir(workdir, "language model", "vocab.json")
     config = ml_collections.ConfigDict(workdirs.read_json(path / "config.json"))
     return path, config, workdirs.read_json(path / "vocab.json")
 

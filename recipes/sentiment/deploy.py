@@ -31,12 +31,7 @@ from recipes.sentiment.tokenizer import Tokenizer
 
 def finished_run(workdir: str) -> tuple[pathlib.Path, Any]:
     """A workdir with a trained model (best checkpoint), and its config."""
-    path = pathlib.Path(workdir).expanduser().resolve()
-    needed = [path / "config.json", path / "vocab.txt", checkpoints.best_checkpoint(path)]
-    missing = [p for p in needed if not p.exists()]
-    if missing:
-        raise RecipeError(f"{path} holds no trained sentiment model ({missing[0].name} is "
-                          "missing); pass the --workdir of a finished training run")
+    path = deploy.finished_workdir(workdir, "sentiment model", "vocab.txt")
     return path, run_config(path / "config.json")
 
 
