@@ -225,6 +225,10 @@ def main() -> None:
     if not (workdir / "export").is_dir():
         parser.error(f"{workdir} has no export: train it first (see the docstring)")
     config = sentiment_deploy.run_config(workdir / "config.json")
+    if config.ngrams > 1:
+        parser.error(f"{workdir} tokenizes with n-grams (config.ngrams={config.ngrams}); the "
+                     "benchmark cuts reviews to their first 230 single tokens: pass a run "
+                     "without n-grams (the default config)")
     tokenizer = Tokenizer((workdir / "vocab.txt").read_text(encoding="utf-8").split("\n"),
                           config.max_length, config.split, config.ngrams)
     data, texts = reviews(config, tokenizer, 32 * 20)
