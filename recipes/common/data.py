@@ -33,7 +33,9 @@ def load_tfds(name: str, splits: list[str], config_data_dir: str | None,
         builder = tfds.builder(name, data_dir=where)
     except tfds.core.registered.DatasetNotFoundError:
         raise RecipeError(
-            f"unknown TFDS dataset {name!r}; see `tfds.list_builders()` for the names"
+            f"unknown TFDS dataset {name!r}: not a TFDS builder, nor prepared in "
+            f"{where or 'TFDS_DATA_DIR / the default data dir'}; see `tfds.list_builders()` "
+            "for the names, or set TFDS_DATA_DIR or --config.data_dir to where it is prepared"
         ) from None
     shown = where or "TFDS's default data dir"
     if not builder.is_prepared():
