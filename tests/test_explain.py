@@ -101,8 +101,11 @@ def test_explain_hidden_states_are_the_layers_outputs(sentiment_zh_run):
 
 def test_explain_command_writes_a_table_and_a_picture(sentiment_zh_run, tmp_path, capsys):
     out = tmp_path / "zh.png"
+    other = tmp_path / ".tmp-build"  # someone else's file: the output folder is theirs
+    other.write_text("keep")
     results = explain.explain(str(sentiment_zh_run / "export"), ["我爱中国", ""], str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-build", "zh.png"]
     printed = capsys.readouterr().out
     assert "token\tfw f" in printed and "(no tokens)" in printed
     assert [line.split("\t")[0] for line in printed.splitlines()[2:6]] == list("我爱中国")
