@@ -4,6 +4,7 @@ The smoke runs train in this process, once per session, and are shared by the
 test files that need a finished workdir.
 """
 
+import importlib
 import os
 import pathlib
 
@@ -15,45 +16,34 @@ if "TFDS_DATA_DIR" not in os.environ and (_SHARED / "tensorflow_datasets").is_di
     os.environ["TFDS_DATA_DIR"] = str(_SHARED / "tensorflow_datasets")
 
 
+def _finished_run(tmp_path_factory, recipe: str, variant: str) -> pathlib.Path:
+    """A workdir where `python -m recipes.RECIPE --config=configs/RECIPE.py:VARIANT` ran."""
+    config = importlib.import_module(f"configs.{recipe}").get_config(variant)
+    train = importlib.import_module(f"recipes.{recipe}.train")
+    workdir = tmp_path_factory.mktemp(f"{recipe}_{variant}")
+    train.train_and_evaluate(config, str(workdir))
+    return workdir
+
+
 @pytest.fixture(scope="session")
 def sentiment_run(tmp_path_factory) -> pathlib.Path:
     """A finished `configs/sentiment.py:smoke` workdir."""
-    from configs import sentiment
-    from recipes.sentiment import train
-
-    workdir = tmp_path_factory.mktemp("sentiment_smoke")
-    train.train_and_evaluate(sentiment.get_config("smoke"), str(workdir))
-    return workdir
+    return _finished_run(tmp_path_factory, "sentiment", "smoke")
 
 
 @pytest.fixture(scope="session")
 def language_model_run(tmp_path_factory) -> pathlib.Path:
     """A finished `configs/language_model.py:smoke` workdir."""
-    from configs import language_model
-    from recipes.language_model import train
-
-    workdir = tmp_path_factory.mktemp("language_model_smoke")
-    train.train_and_evaluate(language_model.get_config("smoke"), str(workdir))
-    return workdir
+    return _finished_run(tmp_path_factory, "language_model", "smoke")
 
 
 @pytest.fixture(scope="session")
 def copy_task_run(tmp_path_factory) -> pathlib.Path:
     """A finished `configs/copy_task.py:smoke` workdir (LSTM)."""
-    from configs import copy_task
-    from recipes.copy_task import train
-
-    workdir = tmp_path_factory.mktemp("copy_task_smoke")
-    train.train_and_evaluate(copy_task.get_config("smoke"), str(workdir))
-    return workdir
+    return _finished_run(tmp_path_factory, "copy_task", "smoke")
 
 
 @pytest.fixture(scope="session")
 def sentiment_zh_run(tmp_path_factory) -> pathlib.Path:
     """A finished `configs/sentiment.py:zh_smoke` workdir (Chinese, character tokens)."""
-    from configs import sentiment
-    from recipes.sentiment import train
-
-    workdir = tmp_path_factory.mktemp("sentiment_zh_smoke")
-    train.train_and_evaluate(sentiment.get_config("zh_smoke"), str(workdir))
-    return workdir
+    return _finished_run(tmp_path_factory, "sentiment", "zh_smoke")

@@ -104,11 +104,19 @@ def test_sentiment_accuracy_of_every_format_on_real_reviews(sentiment_deployed):
                                atol=0.03)
 
 
-def test_language_model_streams_as_the_step_model_and_generates_as_the_export(
-        language_model_run):
+@pytest.fixture(scope="module")
+def language_model_deployed(language_model_run):
+    """The smoke language model's `tflite` and `onnx` files."""
     from recipes.language_model import deploy as lm_deploy
 
-    written = lm_deploy.export(str(language_model_run), ["tflite", "onnx"])
+    return lm_deploy.export(str(language_model_run), ["tflite", "onnx"])
+
+
+def test_language_model_streams_as_the_step_model_and_generates_as_the_export(
+        language_model_run, language_model_deployed):
+    from recipes.language_model import deploy as lm_deploy
+
+    written = language_model_deployed
     _assert_fused_builtins_only(written["tflite"])
     path, config, vocab = lm_deploy.finished_run(str(language_model_run))
     step = lm_deploy.trained_step_model(config, vocab, path)
@@ -130,10 +138,10 @@ def test_language_model_streams_as_the_step_model_and_generates_as_the_export(
         assert streamer.generate("ROMEO:", 200) == export
 
 
-def test_language_model_onnx_takes_padded_batches(language_model_run):
+def test_language_model_onnx_takes_padded_batches(language_model_run, language_model_deployed):
     from recipes.language_model import deploy as lm_deploy
 
-    model = deploy.Model(language_model_run / "deploy" / "model.onnx")
+    model = deploy.Model(language_model_deployed["onnx"])
     path, config, vocab = lm_deploy.finished_run(str(language_model_run))
     step = lm_deploy.trained_step_model(config, vocab, path)
     rng = np.random.default_rng(1)
