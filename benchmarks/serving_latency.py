@@ -229,8 +229,7 @@ def main() -> None:
         parser.error(f"{workdir} tokenizes with n-grams (config.ngrams={config.ngrams}); the "
                      "benchmark cuts reviews to their first 230 single tokens: pass a run "
                      "without n-grams (the default config)")
-    tokenizer = Tokenizer((workdir / "vocab.txt").read_text(encoding="utf-8").split("\n"),
-                          config.max_length, config.split, config.ngrams)
+    tokenizer = Tokenizer.from_run(workdir, config)
     data, texts = reviews(config, tokenizer, 32 * 20)
     with tempfile.TemporaryDirectory() as scratch:
         found = contenders(workdir, config, scratch, data[:32],

@@ -71,9 +71,8 @@ def test_sentiment_tokenizer_equals_the_in_graph_tokenization(sentiment_run):
     from recipes.sentiment.tokenizer import Tokenizer
 
     config = run_config(sentiment_run / "config.json")
-    vocab = (sentiment_run / "vocab.txt").read_text(encoding="utf-8").split("\n")
     vectorizer = input_pipeline.make_vectorizer(config, None, sentiment_run / "vocab.txt")
-    tokenizer = Tokenizer(vocab, config.max_length, config.split, config.ngrams)
+    tokenizer = Tokenizer.from_run(sentiment_run, config)
     (reviews,) = input_pipeline.load_texts(config, ["test[:500]"])
     texts = [t.decode() for t, _ in reviews.as_numpy_iterator()] + TEXTS + [
         "x\u00a0y\u3000z\vw\x1c", "<BR/>tab\there", "l'été çà et là"]

@@ -23,9 +23,8 @@ ZH = ["我爱中国", "这本书非常好，我很喜欢", "质量太差了，�
 
 def test_character_tokens_in_graph_and_in_python(sentiment_zh_run):
     config = run_config(sentiment_zh_run / "config.json")
-    vocab = (sentiment_zh_run / "vocab.txt").read_text(encoding="utf-8").split("\n")
     vectorizer = input_pipeline.make_vectorizer(config, None, sentiment_zh_run / "vocab.txt")
-    tokenizer = Tokenizer(vocab, config.max_length, config.split, config.ngrams)
+    tokenizer = Tokenizer.from_run(sentiment_zh_run, config)
     (reviews,) = input_pipeline.load_texts(config, ["test[:300]"])
     texts = [t.decode() for t, _ in reviews.as_numpy_iterator()] + ZH
     tokens = input_pipeline.tokens(tf.constant(texts), config)

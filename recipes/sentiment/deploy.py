@@ -57,8 +57,7 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
     with workdirs.locked(path):
         out = path / "deploy"
         out.mkdir(exist_ok=True)
-        vocab = (path / "vocab.txt").read_text(encoding="utf-8")
-        tokenizer = Tokenizer(vocab.split("\n"), config.max_length, config.split, config.ngrams)
+        tokenizer = Tokenizer.from_run(path, config)
         one_review = token_model(config, path, batch_size=1, masked=False)
         written = {}
         for name in formats:
@@ -72,7 +71,7 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
                                         lambda: _representative(config, tokenizer))
                 deploy.check_builtin(name, content)
             written[name] = deploy.write(content, out / deploy.FILES[name])
-        deploy.write(vocab.encode("utf-8"), out / "vocab.txt")
+        deploy.write((path / "vocab.txt").read_bytes(), out / "vocab.txt")
         empty = float(token_model(config, path)(np.zeros((1, 1), np.int64))[0, 0])
         deploy.write(json.dumps({"max_length": config.max_length, "split": config.split,
                                  "ngrams": config.ngrams, "empty_probability": empty},

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+from typing import Any
 
 _LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _BREAK = re.compile(r"<br[\t\n\f\r ]*/?>")  # RE2's \s: [\t\n\f\r ]
@@ -40,6 +41,12 @@ class Tokenizer:
                  ngrams: int = 1) -> None:
         self.ids_of = {token: k + 2 for k, token in enumerate(vocab)}
         self.max_length, self.split, self.ngrams = max_length, split, ngrams
+
+    @classmethod
+    def from_run(cls, workdir: pathlib.Path, config: Any) -> Tokenizer:
+        """The tokenizer of a training run (its `vocab.txt` and config)."""
+        vocab = (workdir / "vocab.txt").read_text(encoding="utf-8").split("\n")
+        return cls(vocab, config.max_length, config.split, config.ngrams)
 
     @classmethod
     def from_dir(cls, directory: pathlib.Path) -> Tokenizer:
