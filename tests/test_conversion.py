@@ -139,7 +139,35 @@ def test_quantized_models_keep_the_fused_op(quantization):
     runner = Interpreter(model_content=content).get_signature_runner()
     for tokens in data[:5]:  # any length (batch 1), close to the float model
         p = runner(tokens=tokens)["p"]
-        np.testing.assert_allclose(p, model({"tokens": tokens})["p"], atol=0.05)
+        np.testing.assert_allclose(p, model(tokens)["p"], atol=0.05)
+
+
+def test_int8_bidirectional_halves_are_read_at_the_scale_they_are_written():
+    # The fused op writes its outputs at its hidden state's scale and zero point, and
+    # REVERSE_V2 copies bytes: unless the model requantizes before the concatenation
+    # (which imposes one scale on its inputs), both halves are misread.
+    x = keras.Input(batch_shape=(1, None, D), name="x")
+    model = _randomize(keras.Model(x, {"y": lstm_tf.Bidirectional(
+        lstm_tf.LSTM(U, return_sequences=True))(x)}))
+    rng = np.random.default_rng(4)
+    data = [rng.normal(size=(1, T, D)).astype("float32") for _ in range(40)]
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ({"x": d} for d in data)
+    content = converter.convert()
+    it = Interpreter(model_content=content)
+    quantization = {t["index"]: t["quantization"] for t in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    lstms = [op for op in ops if op["op_name"] == FUSED]
+    assert len(lstms) == 2
+    for op in lstms:  # output written at the hidden state's (input 18) scale
+        assert quantization[op["outputs"][0]] == quantization[op["inputs"][18]]
+    for op in ops:
+        if op["op_name"] == "REVERSE_V2":
+            assert quantization[op["outputs"][0]] == quantization[op["inputs"][0]]
+    runner = it.get_signature_runner()
+    errors = np.stack([runner(x=d)["y"] - model(d)["y"] for d in data[:10]])
+    assert abs(errors.mean()) < 0.01 and np.sqrt((errors ** 2).mean()) < 0.1
 
 
 @pytest.mark.parametrize("arguments, named", [({"activation": "relu"}, "activation='relu'"),
