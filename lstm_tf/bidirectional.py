@@ -65,12 +65,21 @@ class Bidirectional(keras.layers.Bidirectional):
                 or conversion.in_onnx_graph()):
             return super().call(sequences, initial_state=initial_state, mask=mask,
                                 training=training)
-        self.merge_mode = None  # Keras's call then returns both directions, flipped back
-        try:
-            y, y_rev, *states = super().call(sequences, initial_state=initial_state,
-                                             mask=mask, training=training)
-        finally:
-            self.merge_mode = "concat"
+        # Keras's call, with the requantization point (0 * x) before the concatenation.
+        forward_state = backward_state = None
+        if initial_state is not None:
+            half = len(initial_state) // 2
+            forward_state, backward_state = initial_state[:half], initial_state[half:]
+        y = self.forward_layer(sequences, initial_state=forward_state, mask=mask,
+                               training=training)
+        y_rev = self.backward_layer(sequences, initial_state=backward_state, mask=mask,
+                                    training=training)
+        states = ()
+        if self.return_state:
+            states, y, y_rev = tuple(y[1:]) + tuple(y_rev[1:]), y[0], y_rev[0]
+        y, y_rev = ops.cast(y, self.compute_dtype), ops.cast(y_rev, self.compute_dtype)
+        if self.return_sequences:
+            y_rev = ops.flip(y_rev, axis=1)
         output = ops.concatenate([y + 0.0 * y[..., :1], y_rev + 0.0 * y_rev[..., :1]],
                                  axis=-1)
         return (output, *states) if self.return_state else output

@@ -149,6 +149,7 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
         self.recurrent_dropout = float(recurrent_dropout)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed=seed)
+        self.inference_call = False  # `lstm_tf.LSTM` sets it: no dropout masks are drawn
         self.use_peepholes = use_peepholes
         self.layer_norm = layer_norm
         self.norm_epsilon = norm_epsilon
@@ -224,6 +225,13 @@ class LSTMCell(keras.layers.Layer, DropoutRNNCell):
                 [bias[:n], bias[n : 2 * n] + 1.0, bias[2 * n :]], axis=0
             )
         return bias
+
+    def get_dropout_mask(self, step_input: Any) -> Any:
+        return None if self.inference_call else super().get_dropout_mask(step_input)
+
+    def get_recurrent_dropout_mask(self, step_input: Any) -> Any:
+        return (None if self.inference_call
+                else super().get_recurrent_dropout_mask(step_input))
 
     def call(self, inputs: Any, states: list, training: bool = False) -> tuple:
         h_prev, c_prev = states

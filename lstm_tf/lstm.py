@@ -219,6 +219,10 @@ class LSTM(keras.layers.RNN):
     ) -> Any:
         if initial_state is not None:
             self._check_initial_state(sequences, initial_state)
+        # Keras's RNN.call draws the cell's dropout masks before every call, training or
+        # not. Nothing reads them at inference, where the draw (a seed-generator update)
+        # would stay in exports and conversions (TFLite: a resource variable, CALL_ONCE).
+        self.cell.inference_call = not training
         return super().call(
             sequences, initial_state=initial_state, mask=mask, training=training
         )

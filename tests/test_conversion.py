@@ -19,6 +19,7 @@ from lstm_tf import conversion
 B, T, D, U = 2, 11, 5, 6
 FUSED = "UNIDIRECTIONAL_SEQUENCE_LSTM"
 LOOPS = ("WHILE", "FLEX", "CUSTOM")
+VARIABLES = ("VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE", "CALL_ONCE")
 # TensorFlow's int8 calibration runs its own deprecated tf.lite.Interpreter, and
 # `from_keras_model` warns that it has no input statistics (it needs none: float inputs).
 CALIBRATION = pytest.mark.filterwarnings(
@@ -61,6 +62,9 @@ def _model(kind: str, batch: int | None = B) -> keras.Model:
         out = {"y": lstm_tf.LSTM(4)(lstm_tf.LSTM(U, return_sequences=True)(x))}
     elif kind == "bidirectional":
         out = {"y": lstm_tf.Bidirectional(lstm_tf.LSTM(U, return_sequences=True))(x)}
+    elif kind == "dropout":  # (no dropout at inference, and no seed generator update)
+        out = {"y": lstm_tf.Bidirectional(lstm_tf.LSTM(
+            U, return_sequences=True, dropout=0.3, recurrent_dropout=0.2))(x)}
     elif kind == "bidirectional_state":
         y, *states = lstm_tf.Bidirectional(lstm_tf.LSTM(U, return_state=True))(x)
         out = dict(zip(["y", "h_fw", "c_fw", "h_bw", "c_bw"], [y, *states], strict=True))
@@ -90,12 +94,13 @@ def _assert_equal_outputs(actual: dict, expected: dict, atol: float = 1e-5) -> N
 
 
 @pytest.mark.parametrize("kind", ["sequences", "last", "state", "go_backwards", "stacked",
-                                  "bidirectional", "bidirectional_state", "initial_state"])
+                                  "bidirectional", "dropout", "bidirectional_state",
+                                  "initial_state"])
 def test_keras_model_converts_to_the_fused_op(kind):
     model = _model(kind)
     content = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     ops = _ops(content)
-    assert FUSED in ops and not [op for op in ops if op.startswith(LOOPS)], ops
+    assert FUSED in ops and not [op for op in ops if op.startswith(LOOPS + VARIABLES)], ops
     inputs = _inputs(model)
     _assert_equal_outputs(_run_tflite(content, inputs, repeat=2), _expected(model, inputs))
 
