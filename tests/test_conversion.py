@@ -129,17 +129,24 @@ def _token_model(batch: int | None) -> keras.Model:
     return _randomize(keras.Model(tokens, {"p": keras.layers.Dense(1, "sigmoid")(x)}))
 
 
+def _quantized(model: keras.Model, quantization: str, data: list[np.ndarray]) -> bytes:
+    """`model` (one input) converted with "dynamic" or "int8" quantization (calibrated on
+    `data`)."""
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "int8":
+        name = model.inputs[0].name
+        converter.representative_dataset = lambda: ({name: d} for d in data)
+    return converter.convert()
+
+
 @CALIBRATION
 @pytest.mark.parametrize("quantization", ["dynamic", "int8"])
 def test_quantized_models_keep_the_fused_op(quantization):
     model = _token_model(batch=1)
     rng = np.random.default_rng(3)
     data = [rng.integers(0, 50, size=(1, int(n))).astype("int32") for n in rng.integers(3, 30, 40)]
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if quantization == "int8":
-        converter.representative_dataset = lambda: ({"tokens": d} for d in data)
-    content = converter.convert()
+    content = _quantized(model, quantization, data)
     ops = _ops(content)
     assert FUSED in ops and not [op for op in ops if op.startswith(LOOPS)], ops
     if quantization == "int8":  # an integer LSTM: int8 weights
@@ -162,11 +169,7 @@ def test_int8_bidirectional_halves_are_read_at_the_scale_they_are_written():
         lstm_tf.LSTM(U, return_sequences=True))(x)}))
     rng = np.random.default_rng(4)
     data = [rng.normal(size=(1, T, D)).astype("float32") for _ in range(40)]
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ({"x": d} for d in data)
-    content = converter.convert()
-    it = Interpreter(model_content=content)
+    it = Interpreter(model_content=_quantized(model, "int8", data))
     quantization = {t["index"]: t["quantization"] for t in it.get_tensor_details()}
     ops = it._get_ops_details()
     lstms = [op for op in ops if op["op_name"] == FUSED]
