@@ -5,7 +5,10 @@ Variants (`--config=configs/language_model.py:VARIANT`):
 - `ptb_small`, `ptb_medium`: word-level Penn Treebank, the "small" and "medium"
   configurations of Zaremba, Sutskever & Vinyals (2014), read from Mikolov's
   `ptb.{train,valid,test}.txt` in `--config.text_dir`.
-- `smoke`: a tiny character-level run for tests (seconds).
+- `imdb`: word-level IMDB reviews (`train` without the sentiment recipe's validation part,
+  plus `unsupervised`; never `test`), tokenized as the sentiment recipe tokenizes: the
+  pretraining of `configs/sentiment.py:pretrained` (`--config.init_from`).
+- `smoke`, `imdb_smoke`: tiny runs for tests (seconds).
 README: Results gives each one's numbers and wall time on 2 CPU cores.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
-VARIANTS = ("shakespeare", "ptb_small", "ptb_medium", "smoke")
+VARIANTS = ("shakespeare", "ptb_small", "ptb_medium", "imdb", "smoke", "imdb_smoke")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -33,8 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.text_files = "ptb.{split}.txt"
     config.train_split = "train"
     config.validation_split = "validation"
-    config.test_split = "test"
+    config.test_split = "test"  # empty: none
     config.max_chars = 0  # > 0: keep only the first max_chars characters of each split
+    config.standardize = ""  # "sentiment": words as the sentiment recipe's tokens
     config.vocab_size = 0  # 0: every token of the training split, plus the unknown token
     config.unknown_token = "\ufffd"  # id 0: tokens not in the vocabulary
     config.start_token = "\n"  # what scoring and generation start from
@@ -90,6 +94,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.init_scale = 0.05
         config.batch_size, config.num_steps = 20, 35
         config.epochs, config.decay_after, config.lr_decay = 39, 6, 0.8
+    elif variant.startswith("imdb"):
+        config.level = "word"
+        config.standardize = "sentiment"
+        config.dataset = "imdb_reviews"
+        # The sentiment recipe validates on train[90%:]: its model selection stays clean.
+        config.train_split = "train[:90%]+unsupervised"
+        config.validation_split = "train[90%:]"
+        config.test_split = ""
+        config.vocab_size = 10000
+        config.unknown_token = "<unk>"  # (no review has it: standardization drops "<", ">")
+        config.start_token = "<eos>"  # a line end between reviews
+        config.embedding_dim = config.units = 128  # configs/sentiment.py:pretrained's sizes
+        config.num_layers = 1
+        config.dropout = 0.1
+        config.batch_size, config.num_steps = 64, 70
+        config.epochs = 8
+        config.decay_after = 8
+        config.sample_prompt = "this movie"
+        config.sample_tokens = 50
+    if variant == "imdb_smoke":
+        config.train_split = "train[:200]"
+        config.validation_split = "train[-64:]"
+        config.vocab_size = 2000  # configs/sentiment.py:smoke's sizes
+        config.embedding_dim, config.units = 16, 8
+        config.batch_size, config.num_steps = 8, 32
+        config.epochs = 1
+        config.sample_tokens = 10
+        config.log_every_steps = 5
     elif variant == "smoke":
         config.log_every_steps = 5
         config.max_chars = 20000  # (each tiny_shakespeare split is one example)

@@ -11,6 +11,11 @@ their 2- and 3-grams:
 should reach 84.5 % test accuracy in about 12 minutes on 2 CPU cores without AVX-512 (README:
 Results).
 
+Variant `pretrained`: the same model (128 units), its words, embedding and forward LSTM
+from a language model trained on IMDB's text first (configs/language_model.py:imdb):
+    python -m recipes.sentiment --workdir=runs/sentiment_pretrained \
+        --config=configs/sentiment.py:pretrained --config.init_from=runs/lm_imdb
+
 Variants `smoke` and `zh_smoke` (tests and CI; well under a minute on 2 cores):
     python -m recipes.sentiment --workdir=/tmp/smoke --config=configs/sentiment.py:smoke
 """
@@ -50,6 +55,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.learning_rate = 1e-3
     config.clipnorm = 1.0
     config.early_stopping_patience = 0  # 0: off
+    # A language model's workdir (configs/language_model.py:imdb): its vocabulary, embedding
+    # and LSTM start this model (recipes/sentiment/pretrained.py). Empty: random start.
+    config.init_from = ""
     config.shuffle_buffer = 25000
     # True: train on full batches only (each bucket's last, partial batch is dropped).
     # Under a multi-replica strategy, replicas then get equal shares of every batch, and
@@ -77,6 +85,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.learning_rate = 5e-4
         config.epochs = 8  # the checkpoint with the best validation loss is kept
         config.explain_texts = ("我爱中国", "这本书非常好，我很喜欢", "质量太差了，非常失望")
+    if arg == "pretrained":
+        # Started from the language model of configs/language_model.py:imdb (README: Results):
+        #   python -m recipes.language_model --workdir=runs/lm_imdb \
+        #       --config=configs/language_model.py:imdb
+        config.init_from = "runs/lm_imdb"
+        config.lstm_units = 128  # the language model's sizes
+        config.embedding_dim = 128
     if arg in ("smoke", "zh_smoke"):
         config.log_every_steps = 5
         config.train_split = "train[:512]"
@@ -97,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train_split = "train[:768]"
         config.vocab_size = 1000
         config.shuffle_buffer = 768
-    elif arg not in (None, "", "smoke", "zh"):
+    elif arg not in (None, "", "smoke", "zh", "pretrained"):
         raise ValueError(f"unknown variant {arg!r} of configs/sentiment.py "
-                         "(known: smoke, zh, zh_smoke)")
+                         "(known: smoke, zh, zh_smoke, pretrained)")
     return config

@@ -64,9 +64,9 @@ def test_ptb_reader_matches_the_published_counts(tmp_path):
     vocab = input_pipeline.build_vocabulary(config, train_text, tmp_path / "vocab.json")
     assert len(vocab) + 1 == 10000 and "<unk>" not in vocab and "<eos>" in vocab
     lookup = input_pipeline.make_lookup(config, vocab)
-    assert [len(input_pipeline.to_stream(t, lookup, "word"))
+    assert [len(input_pipeline.to_stream(t, lookup, config))
             for t in (train_text, val_text, test_text)] == [929589, 73760, 82430]
-    stream = input_pipeline.to_stream(val_text, lookup, "word")
+    stream = input_pipeline.to_stream(val_text, lookup, config)
     words = val_text.replace("\n", " <eos> ").split()
     back = input_pipeline.make_lookup(config, vocab, invert=True)(stream).numpy()
     assert [w.decode() for w in back] == words  # valid has no word outside the vocabulary
@@ -78,7 +78,7 @@ def test_character_tokens_keep_line_ends_and_unknowns(tmp_path):
     vocab = input_pipeline.build_vocabulary(config, "ab\nbb\n", tmp_path / "vocab.json")
     assert vocab == ["b", "\n", "a"]  # most frequent first
     lookup = input_pipeline.make_lookup(config, vocab)
-    np.testing.assert_array_equal(input_pipeline.to_stream("ab\nz😀", lookup, "char"),
+    np.testing.assert_array_equal(input_pipeline.to_stream("ab\nz😀", lookup, config),
                                   [3, 1, 2, 0, 0])
 
 

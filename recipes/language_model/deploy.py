@@ -24,6 +24,7 @@ import tensorflow as tf
 from recipes.common import checkpoints, deploy, exports, workdirs
 from recipes.common.errors import RecipeError
 from recipes.language_model import model as models
+from recipes.sentiment import tokenizer as sentiment_tokenizer
 
 
 def finished_run(workdir: str) -> tuple[pathlib.Path, Any, list[str]]:
@@ -70,6 +71,7 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
             written[name] = deploy.write(content, out / deploy.FILES[name])
         deploy.write(json.dumps(vocab, ensure_ascii=False).encode("utf-8"), out / "vocab.json")
         settings = {k: config[k] for k in SETTINGS}
+        settings["standardize"] = config.get("standardize", "")
         deploy.write(json.dumps(settings, indent=2, ensure_ascii=False).encode("utf-8"),
                      out / "tokenizer.json")
     return written
@@ -108,6 +110,8 @@ class Streamer:
         if self.settings["level"] == "char":
             tokens = list(text)
         else:
+            if self.settings.get("standardize") == "sentiment":
+                text = sentiment_tokenizer.standardize(text)
             tokens = [t for t in re.split(r"[ \t\n\v\f\r]+", text.replace("\n", " <eos> "))
                       if t]
         return [self.ids_of.get(t, 0) for t in [self.settings["start_token"], *tokens]]

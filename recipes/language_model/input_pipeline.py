@@ -1,10 +1,14 @@
 """Corpus → vocabulary → one token stream per split → TBPTT batches.
 
 A corpus is either a TFDS dataset whose examples hold text (`tiny_shakespeare`:
-one example per split) or a directory of plain-text files in Mikolov's PTB
-format (`ptb.train.txt`, ...: one sentence per line, tokens separated by
-spaces). Each split becomes one stream: the examples' texts in order, each line
-end a token (`<eos>` at word level, `"\\n"` at character level).
+one example per split; `imdb_reviews`: one review per example) or a directory
+of plain-text files in Mikolov's PTB format (`ptb.train.txt`, ...: one sentence
+per line, tokens separated by spaces). Each split becomes one stream: the
+examples' texts in order, a line end between two examples (a file is one
+example), each line end a token (`<eos>` at word level, `"\\n"` at character
+level). With `config.standardize = "sentiment"`, words are the sentiment
+recipe's tokens (its standardization, then whitespace), so the two recipes
+share a vocabulary (`recipes.sentiment.pretrained`).
 """
 
 from __future__ import annotations
@@ -20,32 +24,44 @@ import tensorflow as tf
 
 from recipes.common.data import load_tfds
 from recipes.common.errors import RecipeError
+from recipes.sentiment.input_pipeline import standardize as sentiment_standardize
 
 
-def tokenize(text: tf.Tensor, level: str) -> tf.RaggedTensor:
+def tokenize(text: tf.Tensor, level: str, standardize: str = "") -> tf.RaggedTensor:
     """`[batch]` strings → `[batch, (tokens)]` strings.
 
     Character level: Unicode characters (line ends included). Word level:
-    whitespace-separated words, each line end an `<eos>` token.
+    whitespace-separated words, each line end an `<eos>` token; with
+    `standardize="sentiment"`, first the sentiment recipe's standardization
+    (lower case, HTML line breaks and punctuation to spaces).
     """
     if level == "char":
         return tf.strings.unicode_split(text, "UTF-8")
+    if standardize == "sentiment":
+        text = sentiment_standardize(text)  # (keeps "\n": it is not punctuation)
     return tf.strings.split(tf.strings.regex_replace(text, "\n", " <eos> "))
 
 
-def read_splits(config: Any) -> list[str]:
-    """The train, validation and test texts, each as one string (`max_chars` at most)."""
+def read_splits(config: Any) -> list[str | None]:
+    """The train, validation and test texts, each as one string (`max_chars` at most).
+
+    The test text is None where `config.test_split` is empty (no test split).
+    """
     texts = _read_splits(config)
-    return [text[:config.max_chars] for text in texts] if config.max_chars else texts
+    if not config.test_split:
+        texts.append(None)
+    return [text[:config.max_chars] if text and config.max_chars else text for text in texts]
 
 
 def _read_splits(config: Any) -> list[str]:
     splits = [config.train_split, config.validation_split, config.test_split]
+    splits = splits if config.test_split else splits[:2]
     if config.dataset:
         datasets = load_tfds(config.dataset, splits, config.data_dir, download=config.download)
+        feature = config.text_feature
         try:
-            return [b"".join(ex[config.text_feature].numpy() for ex in ds).decode("utf-8")
-                    for ds in datasets]
+            return ["\n".join(text.decode("utf-8") for text in ds.map(
+                lambda ex: ex[feature]).as_numpy_iterator()) for ds in datasets]
         except KeyError:
             features = list(datasets[0].element_spec)
             raise RecipeError(
@@ -72,7 +88,7 @@ def build_vocabulary(config: Any, train_text: str, vocab_file: pathlib.Path) -> 
     """
     if vocab_file.exists():
         return json.loads(vocab_file.read_text(encoding="utf-8"))
-    tokens = tokenize(tf.constant([train_text]), config.level)[0].numpy()
+    tokens = tokenize(tf.constant([train_text]), config.level, config.standardize)[0].numpy()
     counts = collections.Counter(t.decode("utf-8") for t in tokens)
     counts.pop(config.unknown_token, None)
     vocab = sorted(counts, key=lambda t: (-counts[t], t))
@@ -90,9 +106,10 @@ def make_lookup(config: Any, vocab: list[str], invert: bool = False) -> keras.la
                                      invert=invert, output_mode="int")
 
 
-def to_stream(text: str, lookup: keras.layers.StringLookup, level: str) -> np.ndarray:
+def to_stream(text: str, lookup: keras.layers.StringLookup, config: Any) -> np.ndarray:
     """A whole split → its token ids, `int32 [tokens]`."""
-    return lookup(tokenize(tf.constant([text]), level)[0]).numpy().astype(np.int32)
+    return lookup(tokenize(tf.constant([text]), config.level, config.standardize)[0]
+                  ).numpy().astype(np.int32)
 
 
 def tbptt_batches(stream: np.ndarray, batch_size: int, num_steps: int) -> tf.data.Dataset:

@@ -24,12 +24,13 @@ class LanguageModelFunctions(tf.Module):
         super().__init__()
         self.model, self.lookup, self.inverse = model, lookup, inverse
         self.level, self.chunk = config.level, config.score_chunk
+        self.standardize = config.get("standardize", "")  # (runs older than the field)
         self.start_id = int(lookup(tf.constant(config.start_token)))
         self.shapes = [config.units] * (2 * config.num_layers)
 
     def _ids(self, text: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Start token + token ids, right-padded `[batch, time]`, and the lengths."""
-        ids = tf.cast(self.lookup(tokenize(text, self.level)), tf.int32)
+        ids = tf.cast(self.lookup(tokenize(text, self.level, self.standardize)), tf.int32)
         start = tf.fill([tf.shape(text)[0], 1], self.start_id)
         ids = tf.concat([tf.RaggedTensor.from_tensor(start), ids], axis=1)
         return ids.to_tensor(0), tf.cast(ids.row_lengths(), tf.int32)

@@ -156,7 +156,7 @@ def train_and_evaluate(config: Any, workdir: str,
     vocab = input_pipeline.build_vocabulary(config, train_text, workdir / "vocab.json")
     lookup = input_pipeline.make_lookup(config, vocab)
     train_ds = input_pipeline.tbptt_batches(
-        input_pipeline.to_stream(train_text, lookup, config.level),
+        input_pipeline.to_stream(train_text, lookup, config),
         config.batch_size, config.num_steps)
     logging.info("vocabulary %d tokens; %d training batches of %d x %d per epoch",
                  len(vocab) + 1, train_ds.cardinality(), config.batch_size, config.num_steps)
@@ -192,14 +192,15 @@ def train_and_evaluate(config: Any, workdir: str,
     metrics = {
         "train": {k: float(v[-1]) for k, v in history.history.items()},
         "validation": evaluate(functions, val_text, config.level),
-        "test": evaluate(functions, test_text, config.level),
         "vocab_size": len(vocab) + 1,
     }
+    if test_text is not None:  # (a config may have no test split: `imdb`)
+        metrics["test"] = evaluate(functions, test_text, config.level)
     exported = exports.export_saved_model(lambda path: export(functions, path), workdir)
     metrics["export"] = str(exported)
     metrics["train_seconds"] = round(train_seconds, 1)
     metrics["wall_seconds"] = round(time.time() - start, 1)
     workdirs.write_json(workdir / "metrics.json", metrics)
     workdirs.unlock_workdir(workdir)
-    logging.info("test %s; exported to %s", metrics["test"], exported)
+    logging.info("test %s; exported to %s", metrics.get("test"), exported)
     return metrics

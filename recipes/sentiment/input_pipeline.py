@@ -72,9 +72,9 @@ def tokens(text: tf.Tensor, config: Any) -> tf.RaggedTensor:
     return pieces[:, :config.max_length]
 
 
-def make_vectorizer(config: Any, train: tf.data.Dataset,
-                    vocab_file: pathlib.Path) -> keras.layers.TextVectorization:
-    """A `TextVectorization` with the training split's vocabulary.
+def make_vectorizer(config: Any, train: tf.data.Dataset, vocab_file: pathlib.Path,
+                    vocabulary: list[str] | None = None) -> keras.layers.TextVectorization:
+    """A `TextVectorization` with the training split's vocabulary (or `vocabulary`).
 
     Splits on whitespace or into characters (`config.split`), with n-grams up to
     `config.ngrams`. The vocabulary is kept in `vocab_file`, so a resumed run
@@ -86,7 +86,10 @@ def make_vectorizer(config: Any, train: tf.data.Dataset,
     if vocab_file.exists():
         vectorizer.set_vocabulary(vocab_file.read_text(encoding="utf-8").split("\n"))
     else:
-        vectorizer.adapt(train.map(lambda text, label: text).batch(1024))
+        if vocabulary is None:
+            vectorizer.adapt(train.map(lambda text, label: text).batch(1024))
+        else:
+            vectorizer.set_vocabulary(vocabulary)
         vocab = vectorizer.get_vocabulary()
         tmp = vocab_file.with_name(vocab_file.name + ".tmp")
         # Index 0 (padding) and 1 ([UNK]) are implied by set_vocabulary.

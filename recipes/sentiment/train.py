@@ -10,7 +10,7 @@ import tensorflow as tf
 from absl import logging
 
 from recipes.common import checkpoints, distribute, errors, exports, summaries, workdirs
-from recipes.sentiment import explain, input_pipeline
+from recipes.sentiment import explain, input_pipeline, pretrained
 from recipes.sentiment import model as models
 
 CONFIG_RULES = {
@@ -68,11 +68,14 @@ def train_and_evaluate(config: Any, workdir: str,
     """
     start = time.time()
     errors.check_config(config, CONFIG_RULES)
+    vocab = None
+    if config.init_from:  # the language model's words
+        vocab = pretrained.vocabulary(pretrained.language_model(config)[2], config.vocab_size)
     train_raw, val_raw, test_raw = input_pipeline.load_splits(config)
     strategy = strategy or tf.distribute.get_strategy()
     workdir = workdirs.start_run(config, workdir, strategy)
 
-    vectorizer = input_pipeline.make_vectorizer(config, train_raw, workdir / "vocab.txt")
+    vectorizer = input_pipeline.make_vectorizer(config, train_raw, workdir / "vocab.txt", vocab)
     # A resumed run goes on with the batches of its next epoch.
     train_ds, steps_per_epoch = input_pipeline.training_batches(
         train_raw, vectorizer, config,
@@ -82,6 +85,8 @@ def train_and_evaluate(config: Any, workdir: str,
 
     with strategy.scope():
         model = models.create_model(config)
+        if config.init_from:  # (a resumed run then restores its own weights over these)
+            pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
         model.compile(
             optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
             loss="binary_crossentropy",

@@ -1,0 +1,72 @@
+"""A sentiment model started from a language model: `--config.init_from=LM_WORKDIR`.
+
+The language model (`configs/language_model.py:imdb`) reads IMDB text tokenized
+as this recipe tokenizes it, so the two share words: the run's vocabulary is the
+language model's (its most frequent words, `<eos>` left out), the embedding of
+each word is the language model's, and so are the forward LSTM's weights (the
+backward LSTM starts at random: the language model reads forwards). Then all of
+it is fine-tuned on the labelled reviews (Dai & Le 2015).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import keras
+
+import lstm_tf
+from recipes.common.errors import RecipeError
+from recipes.language_model import deploy as lm_deploy
+
+EOS = "<eos>"  # the language model's line end: no review's token
+
+
+def language_model(config: Any) -> tuple[pathlib.Path, Any, list[str]]:
+    """The finished language model run `config.init_from`: path, config, vocabulary.
+
+    `RecipeError` if it is missing or does not fit `config` (tokenization, sizes).
+    """
+    path, lm_config, vocab = lm_deploy.finished_run(config.init_from)
+    if lm_config.level != "word" or lm_config.get("standardize") != "sentiment":
+        raise RecipeError(
+            f"--config.init_from={config.init_from}: that language model does not tokenize as "
+            "this recipe (train it with --config=configs/language_model.py:imdb)")
+    if config.split != "whitespace" or config.ngrams != 1:
+        raise RecipeError("--config.init_from needs --config.split=whitespace and "
+                          "--config.ngrams=1 (the language model's words)")
+    for ours, theirs in (("embedding_dim", "embedding_dim"), ("lstm_units", "units")):
+        if config[ours] != lm_config[theirs]:
+            raise RecipeError(
+                f"--config.{ours}={config[ours]}, but the language model in {path} has "
+                f"{theirs}={lm_config[theirs]}: set --config.{ours}={lm_config[theirs]}")
+    return path, lm_config, vocab
+
+
+def vocabulary(lm_vocab: list[str], vocab_size: int) -> list[str]:
+    """This run's words (ids 2, 3, ...): the language model's most frequent ones."""
+    return [token for token in lm_vocab if token != EOS][:vocab_size - 2]
+
+
+def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
+    """Sets `model`'s embedding and first forward LSTM to the language model's weights.
+
+    `vocab`: this run's words (id k + 2 is `vocab[k]`; id 1 the unknown word,
+    the language model's id 0; id 0 padding, zeros).
+    """
+    path, lm_config, lm_vocab = language_model(config)
+    lm = lm_deploy.trained_step_model(lm_config, lm_vocab, path)
+    lm_ids = {token: k + 1 for k, token in enumerate(lm_vocab)}
+    missing = [t for t in vocab if t not in lm_ids]
+    if missing:
+        raise RecipeError(f"this run's vocabulary has words the language model in {path} "
+                          f"lacks ({missing[:3]}): it was not built from that model")
+    (lm_embedding,) = lm.get_layer("embedding").get_weights()
+    layer = next(la for la in model.layers if isinstance(la, keras.layers.Embedding))
+    (embedding,) = layer.get_weights()  # (rows past the vocabulary stay as they are)
+    rows = [0] + [lm_ids[t] for t in vocab]
+    embedding[1:len(rows) + 1] = lm_embedding[rows]
+    embedding[0] = 0.0  # padding (masked)
+    layer.set_weights([embedding])
+    first = next(la for la in model.layers if isinstance(la, lstm_tf.Bidirectional))
+    first.forward_layer.set_weights(lm.get_layer("lstm0").get_weights())

@@ -1,0 +1,148 @@
+"""Sentiment from a language model: the IMDB LM's words, and `--config.init_from`."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from recipe_testing import parse_config
+
+import lstm_tf
+from configs import language_model as lm_config
+from configs import sentiment as sentiment_config
+from recipes.common import data
+from recipes.common.errors import RecipeError
+from recipes.language_model import deploy as lm_deploy
+from recipes.language_model import input_pipeline as lm_input
+from recipes.language_model import train as lm_train
+from recipes.sentiment import input_pipeline, pretrained, train
+from recipes.sentiment import model as models
+from recipes.sentiment.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def lm_imdb_run(tmp_path_factory):
+    """A finished `configs/language_model.py:imdb_smoke` workdir."""
+    config = lm_config.get_config("imdb_smoke")
+    workdir = tmp_path_factory.mktemp("language_model_imdb_smoke")
+    lm_train.train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+def _layer(model, kind):
+    return next(layer for layer in model.layers if isinstance(layer, kind))
+
+
+def _sentiment_config(lm_run, **overrides):
+    config = sentiment_config.get_config("smoke")
+    config.init_from = str(lm_run)
+    config.update(overrides)
+    return config
+
+
+def test_language_model_words_are_the_sentiment_recipes_tokens():
+    """The LM's stream of a few reviews = each review's tokens (the sentiment recipe's
+    plain-Python tokenizer), a line end (`<eos>`) between two reviews."""
+    (reviews,) = data.load_tfds("imdb_reviews", ["train[:30]"], None)
+    texts = [ex["text"].numpy().decode("utf-8") for ex in reviews]
+    config = lm_config.get_config("imdb")
+    stream = lm_input.tokenize(tf.constant(["\n".join(texts)]), config.level,
+                               config.standardize)[0].numpy()
+    reference = Tokenizer([], max_length=10**6)
+    expected = []
+    for text in texts:
+        expected += reference.tokens(text) + ["<eos>"]
+    assert [t.decode("utf-8") for t in stream] == expected[:-1]
+    assert any("<br" in text for text in texts)  # (what standardization removes is there)
+
+
+def test_imdb_language_model_has_no_test_split(lm_imdb_run):
+    config = lm_config.get_config("imdb_smoke")
+    train_text, val_text, test_text = lm_input.read_splits(config)
+    assert test_text is None and not config.test_split
+    assert train_text.count("\n") == 199  # 200 reviews, one line end between two
+    metrics = (lm_imdb_run / "metrics.json").read_text()
+    assert '"test"' not in metrics and '"validation"' in metrics
+
+
+def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run):
+    config = _sentiment_config(lm_imdb_run)
+    _, lm_cfg, lm_vocab = pretrained.language_model(config)
+    vocab = pretrained.vocabulary(lm_vocab, config.vocab_size)
+    assert "<eos>" in lm_vocab and "<eos>" not in vocab
+    assert vocab == [t for t in lm_vocab if t != "<eos>"][:config.vocab_size - 2]
+    (train_raw,) = input_pipeline.load_texts(config, ["train[:8]"])
+    vectorizer = input_pipeline.make_vectorizer(
+        config, train_raw, lm_imdb_run / "unused_vocab.txt", vocab)
+    model = models.create_model(config)
+    bidirectional = _layer(model, lstm_tf.Bidirectional)
+    backward_before = bidirectional.backward_layer.get_weights()
+    pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
+
+    lm = lm_deploy.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
+    lm_lookup = lm_input.make_lookup(lm_cfg, lm_vocab)
+    words = ["the", "movie", "bad", vocab[-1], "qwertyuiop"]  # the last: unknown to both
+    (embedding,) = _layer(model, keras.layers.Embedding).get_weights()
+    (lm_embedding,) = lm.get_layer("embedding").get_weights()
+    ours = embedding[vectorizer(tf.constant(words)).flat_values.numpy()]
+    theirs = lm_embedding[lm_lookup(tf.constant(words)).numpy()]
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(embedding[0], 0.0)  # padding
+    for ours, theirs in zip(bidirectional.forward_layer.get_weights(),
+                            lm.get_layer("lstm0").get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    for ours, before in zip(bidirectional.backward_layer.get_weights(), backward_before,
+                            strict=True):
+        np.testing.assert_array_equal(ours, before)  # the backward LSTM: not pretrained
+
+
+def test_fine_tuning_run_uses_the_language_models_vocabulary(lm_imdb_run, tmp_path):
+    config = _sentiment_config(lm_imdb_run, epochs=1, train_split="train[:128]",
+                               test_split="test[:64]")
+    metrics = train.train_and_evaluate(config, str(tmp_path))
+    _, _, lm_vocab = pretrained.language_model(config)
+    assert (tmp_path / "vocab.txt").read_text(encoding="utf-8").split("\n") == (
+        pretrained.vocabulary(lm_vocab, config.vocab_size))
+    assert metrics["test"]["accuracy"] * 64 == pytest.approx(
+        round(metrics["test"]["accuracy"] * 64))  # (an accuracy over the 64 reviews)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"lstm_units": 16}, "--config.lstm_units=16, but the language model"),
+    ({"embedding_dim": 32}, "set --config.embedding_dim=16"),
+    ({"split": "character"}, "needs --config.split=whitespace"),
+])
+def test_init_from_a_language_model_that_does_not_fit(lm_imdb_run, tmp_path, overrides,
+                                                       message):
+    with pytest.raises(RecipeError, match=message.replace("-", r"\-").replace(".", r"\.")):
+        train.train_and_evaluate(_sentiment_config(lm_imdb_run, **overrides), str(tmp_path))
+
+
+def test_init_from_a_character_language_model(language_model_run, tmp_path):
+    with pytest.raises(RecipeError, match="does not tokenize as this recipe"):
+        train.train_and_evaluate(_sentiment_config(language_model_run), str(tmp_path))
+
+
+def test_init_from_nothing(tmp_path):
+    with pytest.raises(RecipeError, match="holds no trained language model"):
+        train.train_and_evaluate(_sentiment_config(tmp_path / "nothing"), str(tmp_path / "w"))
+
+
+def test_pretrained_config_fits_the_imdb_language_model():
+    config = parse_config("sentiment", "--config=configs/sentiment.py:pretrained")
+    lm = lm_config.get_config("imdb")
+    assert config.init_from == "runs/lm_imdb"
+    assert (config.embedding_dim, config.lstm_units) == (lm.embedding_dim, lm.units)
+    assert config.vocab_size == lm.vocab_size and config.validation_split == lm.validation_split
+
+
+def test_deployed_language_model_tokenizes_as_its_export(lm_imdb_run):
+    """The deployed LM's Python tokenization (`Streamer.ids`) = the export's in-graph one."""
+    written = lm_deploy.export(str(lm_imdb_run), ["tflite"])
+    streamer = lm_deploy.Streamer(written["tflite"])
+    _, config, vocab = lm_deploy.finished_run(str(lm_imdb_run))
+    text = "This MOVIE<br />was great!!! Really, truly\ngreat... (qwertyuiop)"
+    lookup = lm_input.make_lookup(config, vocab)
+    expected = lookup(lm_input.tokenize(tf.constant([text]), config.level,
+                                        config.standardize)[0]).numpy().tolist()
+    assert streamer.ids(text) == [int(lookup(config.start_token)), *expected]
+    assert len(expected) == 9 and expected.count(0) == 1  # only "qwertyuiop" is unknown
