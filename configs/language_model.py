@@ -9,7 +9,7 @@ Variants (`--config=configs/language_model.py:VARIANT`):
   plus `unsupervised`; never `test`), tokenized as the sentiment recipe tokenizes: the
   pretraining of `configs/sentiment.py:pretrained` (`--config.init_from`).
 - `smoke`, `imdb_smoke`: tiny runs for tests (seconds).
-README: Results gives each one's numbers and wall time on 2 CPU cores.
+README: Results gives the numbers and wall time on 2 CPU cores of those that were run.
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.epochs = 8  # the checkpoint with the best validation loss is kept
         config.explain_texts = ("我爱中国", "这本书非常好，我很喜欢", "质量太差了，非常失望")
     if arg == "pretrained":
-        # Started from the language model of configs/language_model.py:imdb (README: Results):
+        # Started from the language model of configs/language_model.py:imdb (README: Starting
+        # from a language model):
         #   python -m recipes.language_model --workdir=runs/lm_imdb \
         #       --config=configs/language_model.py:imdb
         config.init_from = "runs/lm_imdb"

@@ -73,6 +73,12 @@ def test_ptb_reader_matches_the_published_counts(tmp_path):
     assert json.loads((tmp_path / "vocab.json").read_text()) == vocab
 
 
+def test_examples_are_joined_with_one_line_end():
+    assert input_pipeline.join_examples(["a b", "c\n", "d", ""]) == "a b\nc\nd\n"
+    assert input_pipeline.join_examples(["one example\n"]) == "one example\n"
+    assert input_pipeline.join_examples([]) == ""
+
+
 def test_character_tokens_keep_line_ends_and_unknowns(tmp_path):
     config = _config()
     vocab = input_pipeline.build_vocabulary(config, "ab\nbb\n", tmp_path / "vocab.json")
@@ -228,6 +234,7 @@ def test_command_line(language_model_run):
 @pytest.mark.parametrize("variant, overrides, message", [
     ("ptb_small", {"text_dir": "{tmp}/none"}, "no corpus file"),
     ("smoke", {"level": "byte"}, "--config.level='byte' is invalid"),
+    ("imdb_smoke", {"standardize": "Sentiment"}, "--config.standardize='Sentiment' is invalid"),
     ("smoke", {"num_steps": 0}, "--config.num_steps=0 is invalid"),
     ("smoke", {"num_steps": 5000}, "too short"),
     ("smoke", {"text_feature": "body"}, "not a feature of 'tiny_shakespeare'"),

@@ -1,10 +1,15 @@
 """Sentiment from a language model: the IMDB LM's words, and `--config.init_from`."""
 
+import shutil
+import signal
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from recipe_testing import parse_config
+from recipe_testing import ROOT, parse_config, wait_until
 
 import lstm_tf
 from configs import language_model as lm_config
@@ -14,6 +19,7 @@ from recipes.common.errors import RecipeError
 from recipes.language_model import deploy as lm_deploy
 from recipes.language_model import input_pipeline as lm_input
 from recipes.language_model import train as lm_train
+from recipes.sentiment import deploy as sentiment_deploy
 from recipes.sentiment import input_pipeline, pretrained, train
 from recipes.sentiment import model as models
 from recipes.sentiment.tokenizer import Tokenizer
@@ -64,7 +70,7 @@ def test_imdb_language_model_has_no_test_split(lm_imdb_run):
     assert '"test"' not in metrics and '"validation"' in metrics
 
 
-def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run):
+def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_path):
     config = _sentiment_config(lm_imdb_run)
     _, lm_cfg, lm_vocab = pretrained.language_model(config)
     vocab = pretrained.vocabulary(lm_vocab, config.vocab_size)
@@ -72,7 +78,7 @@ def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run):
     assert vocab == [t for t in lm_vocab if t != "<eos>"][:config.vocab_size - 2]
     (train_raw,) = input_pipeline.load_texts(config, ["train[:8]"])
     vectorizer = input_pipeline.make_vectorizer(
-        config, train_raw, lm_imdb_run / "unused_vocab.txt", vocab)
+        config, train_raw, tmp_path / "vocab.txt", vocab)
     model = models.create_model(config)
     bidirectional = _layer(model, lstm_tf.Bidirectional)
     backward_before = bidirectional.backward_layer.get_weights()
@@ -95,15 +101,44 @@ def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run):
         np.testing.assert_array_equal(ours, before)  # the backward LSTM: not pretrained
 
 
-def test_fine_tuning_run_uses_the_language_models_vocabulary(lm_imdb_run, tmp_path):
+def test_fine_tuning_run_starts_from_the_language_model(lm_imdb_run, tmp_path):
+    """A run (learning rate ~0: its weights stay where they started) has the language
+    model's vocabulary, embedding and forward LSTM."""
     config = _sentiment_config(lm_imdb_run, epochs=1, train_split="train[:128]",
-                               test_split="test[:64]")
-    metrics = train.train_and_evaluate(config, str(tmp_path))
-    _, _, lm_vocab = pretrained.language_model(config)
-    assert (tmp_path / "vocab.txt").read_text(encoding="utf-8").split("\n") == (
-        pretrained.vocabulary(lm_vocab, config.vocab_size))
-    assert metrics["test"]["accuracy"] * 64 == pytest.approx(
-        round(metrics["test"]["accuracy"] * 64))  # (an accuracy over the 64 reviews)
+                               test_split="test[:64]", learning_rate=1e-12)
+    train.train_and_evaluate(config, str(tmp_path))
+    _, lm_cfg, lm_vocab = pretrained.language_model(config)
+    vocab = (tmp_path / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    assert vocab == pretrained.vocabulary(lm_vocab, config.vocab_size)
+    model = sentiment_deploy.token_model(config, tmp_path)  # the run's best checkpoint
+    lm = lm_deploy.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
+    (embedding,) = _layer(model, keras.layers.Embedding).get_weights()
+    (lm_embedding,) = lm.get_layer("embedding").get_weights()
+    np.testing.assert_allclose(embedding[2:len(vocab) + 2],
+                               lm_embedding[[lm_vocab.index(t) + 1 for t in vocab]], atol=1e-6)
+    for ours, theirs in zip(_layer(model, lstm_tf.Bidirectional).forward_layer.get_weights(),
+                            lm.get_layer("lstm0").get_weights(), strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_killed_fine_tuning_resumes_without_the_language_model(lm_imdb_run, tmp_path):
+    """Rerun after kill -9, it resumes from its backup: the language model is not needed."""
+    lm, workdir = tmp_path / "lm", tmp_path / "run"
+    shutil.copytree(lm_imdb_run, lm)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recipes.sentiment", f"--workdir={workdir}",
+         "--config=configs/sentiment.py:smoke", f"--config.init_from={lm}", "--config.epochs=3"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metadata = workdir / "backup" / "state" / "training_metadata.json"
+    assert wait_until(metadata.exists, proc), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "metrics.json").exists()
+    shutil.rmtree(lm)
+    metrics = train.train_and_evaluate(_sentiment_config(lm, epochs=3), str(workdir))
+    assert not (workdir / "backup").exists()  # finished (it failed without the model unless
+    # it resumed: a run from the start takes the language model's weights)
+    assert metrics["export"] == str(workdir / "export" / "1")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -145,4 +180,4 @@ def test_deployed_language_model_tokenizes_as_its_export(lm_imdb_run):
     expected = lookup(lm_input.tokenize(tf.constant([text]), config.level,
                                         config.standardize)[0]).numpy().tolist()
     assert streamer.ids(text) == [int(lookup(config.start_token)), *expected]
-    assert len(expected) == 9 and expected.count(0) == 1  # only "qwertyuiop" is unknown
+    assert len(expected) == 9 and expected[-1] == 0  # "qwertyuiop" is unknown

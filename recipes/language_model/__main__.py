@@ -1,6 +1,7 @@
-"""LSTM language models: char-level Tiny Shakespeare, word-level Penn Treebank.
+"""LSTM language models: char-level Tiny Shakespeare, word-level Penn Treebank and IMDB.
 
-Train (default config = char-level Shakespeare; variants ptb_small, ptb_medium, smoke):
+Train (default config = char-level Shakespeare; variants ptb_small, ptb_medium, imdb, smoke,
+imdb_smoke):
     python -m recipes.language_model --workdir=runs/shakespeare \\
         [--config=configs/language_model.py:ptb_small] [--config.epochs=2 ...]
 Deployment artifacts (streaming TFLite step model, ONNX) of a finished run:

@@ -4,11 +4,12 @@ A corpus is either a TFDS dataset whose examples hold text (`tiny_shakespeare`:
 one example per split; `imdb_reviews`: one review per example) or a directory
 of plain-text files in Mikolov's PTB format (`ptb.train.txt`, ...: one sentence
 per line, tokens separated by spaces). Each split becomes one stream: the
-examples' texts in order, a line end between two examples (a file is one
-example), each line end a token (`<eos>` at word level, `"\\n"` at character
-level). With `config.standardize = "sentiment"`, words are the sentiment
-recipe's tokens (its standardization, then whitespace), so the two recipes
-share a vocabulary (`recipes.sentiment.pretrained`).
+examples' texts in order, a line end between two examples (unless the first
+ends with one; a file is one example), each line end a token (`<eos>` at word
+level, `"\\n"` at character level). With `config.standardize = "sentiment"`,
+words are the sentiment recipe's tokens (its standardization, then
+whitespace), so the two recipes share a vocabulary
+(`recipes.sentiment.pretrained`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import pathlib
+from collections.abc import Iterable
 from typing import Any
 
 import keras
@@ -60,7 +62,7 @@ def _read_splits(config: Any) -> list[str]:
         datasets = load_tfds(config.dataset, splits, config.data_dir, download=config.download)
         feature = config.text_feature
         try:
-            return ["\n".join(text.decode("utf-8") for text in ds.map(
+            return [join_examples(text.decode("utf-8") for text in ds.map(
                 lambda ex: ex[feature]).as_numpy_iterator()) for ds in datasets]
         except KeyError:
             features = list(datasets[0].element_spec)
@@ -77,6 +79,16 @@ def _read_splits(config: Any) -> list[str]:
                 f"{config.text_files.format(split='{train,valid,test}')}")
         texts.append(path.read_text(encoding="utf-8"))
     return texts
+
+
+def join_examples(texts: Iterable[str]) -> str:
+    """The texts in order, with a line end between two where the first lacks one."""
+    parts: list[str] = []
+    for text in texts:
+        if parts and not parts[-1].endswith("\n"):
+            parts.append("\n")
+        parts.append(text)
+    return "".join(parts)
 
 
 def build_vocabulary(config: Any, train_text: str, vocab_file: pathlib.Path) -> list[str]:

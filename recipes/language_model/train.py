@@ -17,6 +17,7 @@ from recipes.language_model import model as models
 _positive_int = (lambda v: isinstance(v, int) and v > 0, "a positive integer")
 CONFIG_RULES = {
     "level": (lambda v: v in ("char", "word"), "'char' or 'word'"),
+    "standardize": (lambda v: v in ("", "sentiment"), "'' or 'sentiment' (word level)"),
     "vocab_size": (lambda v: isinstance(v, int) and (v == 0 or v > 1), "0 (all) or an integer > 1"),
     "embedding_dim": _positive_int,
     "units": _positive_int,
@@ -131,7 +132,8 @@ def export(functions: sampling.LanguageModelFunctions, path: str) -> None:
 
 def train_and_evaluate(config: Any, workdir: str,
                        strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
-    """Trains with truncated BPTT, keeps the best validation loss, tests, exports.
+    """Trains with truncated BPTT, keeps the best validation loss, tests (if the config
+    has a test split), exports.
 
     Writes to `workdir`: config.json, vocab.json, tensorboard/, backup/ (while
     training), checkpoints/, metrics.json and export/<version>/. Rerunning a
@@ -202,5 +204,6 @@ def train_and_evaluate(config: Any, workdir: str,
     metrics["wall_seconds"] = round(time.time() - start, 1)
     workdirs.write_json(workdir / "metrics.json", metrics)
     workdirs.unlock_workdir(workdir)
-    logging.info("test %s; exported to %s", metrics.get("test"), exported)
+    shown = "test" if "test" in metrics else "validation"
+    logging.info("%s %s; exported to %s", shown, metrics[shown], exported)
     return metrics

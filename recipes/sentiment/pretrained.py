@@ -30,9 +30,9 @@ def language_model(config: Any) -> tuple[pathlib.Path, Any, list[str]]:
     try:
         path, lm_config, vocab = lm_deploy.finished_run(config.init_from)
     except RecipeError as e:
-        raise RecipeError(f"--config.init_from={config.init_from}: {e} of "
-                          "python -m recipes.language_model --config=configs/language_model.py:imdb"
-                          ) from None
+        raise RecipeError(f"--config.init_from={config.init_from}: {e} (make one: python -m "
+                          "recipes.language_model --workdir=DIR "
+                          "--config=configs/language_model.py:imdb)") from None
     if lm_config.level != "word" or lm_config.get("standardize") != "sentiment":
         raise RecipeError(
             f"--config.init_from={config.init_from}: that language model does not tokenize as "

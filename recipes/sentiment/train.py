@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import time
 from typing import Any
 
@@ -69,23 +70,24 @@ def train_and_evaluate(config: Any, workdir: str,
     start = time.time()
     errors.check_config(config, CONFIG_RULES)
     vocab = None
-    if config.init_from:  # the language model's words
+    if config.init_from and not (pathlib.Path(workdir).expanduser() / "vocab.txt").exists():
+        # The language model's words (and a bad init_from is found before the workdir is made).
         vocab = pretrained.vocabulary(pretrained.language_model(config)[2], config.vocab_size)
     train_raw, val_raw, test_raw = input_pipeline.load_splits(config)
     strategy = strategy or tf.distribute.get_strategy()
     workdir = workdirs.start_run(config, workdir, strategy)
 
     vectorizer = input_pipeline.make_vectorizer(config, train_raw, workdir / "vocab.txt", vocab)
-    # A resumed run goes on with the batches of its next epoch.
+    # A resumed run goes on with the batches (and the weights) of its next epoch.
+    first_epoch = checkpoints.completed_epochs(checkpoints.backup_dir(workdir, strategy))
     train_ds, steps_per_epoch = input_pipeline.training_batches(
-        train_raw, vectorizer, config,
-        first_epoch=checkpoints.completed_epochs(checkpoints.backup_dir(workdir, strategy)))
+        train_raw, vectorizer, config, first_epoch=first_epoch)
     val_ds = input_pipeline.batches(val_raw, vectorizer, config)
     test_ds = input_pipeline.batches(test_raw, vectorizer, config)
 
     with strategy.scope():
         model = models.create_model(config)
-        if config.init_from:  # (a resumed run then restores its own weights over these)
+        if config.init_from and not first_epoch:  # (a resumed run restores its own weights)
             pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
         model.compile(
             optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
