@@ -101,33 +101,19 @@ def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_pa
         np.testing.assert_array_equal(ours, before)  # the backward LSTM: not pretrained
 
 
-def test_fine_tuning_run_starts_from_the_language_model(lm_imdb_run, tmp_path):
-    """A run (learning rate ~0: its weights stay where they started) has the language
+def test_fine_tuning_starts_from_the_language_model_and_resumes_without_it(lm_imdb_run,
+                                                                           tmp_path):
+    """A run killed (-9) after its first epoch and rerun, at a learning rate of ~0 (its
+    weights stay where they started): it resumes from its backup, which the language
+    model's removal shows (a run from the start needs it), and ends with the language
     model's vocabulary, embedding and forward LSTM."""
-    config = _sentiment_config(lm_imdb_run, epochs=1, train_split="train[:128]",
-                               test_split="test[:64]", learning_rate=1e-12)
-    train.train_and_evaluate(config, str(tmp_path))
-    _, lm_cfg, lm_vocab = pretrained.language_model(config)
-    vocab = (tmp_path / "vocab.txt").read_text(encoding="utf-8").split("\n")
-    assert vocab == pretrained.vocabulary(lm_vocab, config.vocab_size)
-    model = sentiment_deploy.token_model(config, tmp_path)  # the run's best checkpoint
-    lm = lm_deploy.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
-    (embedding,) = _layer(model, keras.layers.Embedding).get_weights()
-    (lm_embedding,) = lm.get_layer("embedding").get_weights()
-    np.testing.assert_allclose(embedding[2:len(vocab) + 2],
-                               lm_embedding[[lm_vocab.index(t) + 1 for t in vocab]], atol=1e-6)
-    for ours, theirs in zip(_layer(model, lstm_tf.Bidirectional).forward_layer.get_weights(),
-                            lm.get_layer("lstm0").get_weights(), strict=True):
-        np.testing.assert_allclose(ours, theirs, atol=1e-6)
-
-
-def test_killed_fine_tuning_resumes_without_the_language_model(lm_imdb_run, tmp_path):
-    """Rerun after kill -9, it resumes from its backup: the language model is not needed."""
     lm, workdir = tmp_path / "lm", tmp_path / "run"
     shutil.copytree(lm_imdb_run, lm)
+    settings = {"epochs": 3, "learning_rate": 1e-12}
     proc = subprocess.Popen(
         [sys.executable, "-m", "recipes.sentiment", f"--workdir={workdir}",
-         "--config=configs/sentiment.py:smoke", f"--config.init_from={lm}", "--config.epochs=3"],
+         "--config=configs/sentiment.py:smoke", f"--config.init_from={lm}",
+         *(f"--config.{k}={v}" for k, v in settings.items())],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metadata = workdir / "backup" / "state" / "training_metadata.json"
     assert wait_until(metadata.exists, proc), proc.communicate()[1][-3000:]
@@ -135,10 +121,22 @@ def test_killed_fine_tuning_resumes_without_the_language_model(lm_imdb_run, tmp_
     proc.wait()
     assert not (workdir / "metrics.json").exists()
     shutil.rmtree(lm)
-    metrics = train.train_and_evaluate(_sentiment_config(lm, epochs=3), str(workdir))
-    assert not (workdir / "backup").exists()  # finished (it failed without the model unless
-    # it resumed: a run from the start takes the language model's weights)
+    config = _sentiment_config(lm, **settings)
+    metrics = train.train_and_evaluate(config, str(workdir))
     assert metrics["export"] == str(workdir / "export" / "1")
+
+    _, lm_cfg, lm_vocab = lm_deploy.finished_run(str(lm_imdb_run))
+    vocab = (workdir / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    assert vocab == pretrained.vocabulary(lm_vocab, config.vocab_size)
+    model = sentiment_deploy.token_model(config, workdir)  # the run's best checkpoint
+    lm_model = lm_deploy.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
+    (embedding,) = _layer(model, keras.layers.Embedding).get_weights()
+    (lm_embedding,) = lm_model.get_layer("embedding").get_weights()
+    np.testing.assert_allclose(embedding[2:len(vocab) + 2],
+                               lm_embedding[[lm_vocab.index(t) + 1 for t in vocab]], atol=1e-6)
+    for ours, theirs in zip(_layer(model, lstm_tf.Bidirectional).forward_layer.get_weights(),
+                            lm_model.get_layer("lstm0").get_weights(), strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides, message", [
