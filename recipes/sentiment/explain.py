@@ -21,11 +21,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import lstm_tf
 from lstm_tf.diagnostics import trace
 from recipes.common import exports
 from recipes.common.errors import RecipeError
 from recipes.sentiment import input_pipeline
+from recipes.sentiment import model as models
 
 GATES = ("forget_gate", "input_gate", "output_gate")
 DIRECTIONS = ("forward", "backward")
@@ -43,10 +43,7 @@ def explain_function(model: keras.Model, vectorizer: keras.layers.TextVectorizat
     `probability` float32 `[batch]`. Masked like the model: a text's values alone
     equal its values inside a padded batch.
     """
-    embedding = next(layer for layer in model.layers
-                     if isinstance(layer, keras.layers.Embedding))
-    bidirectional = next(layer for layer in model.layers
-                         if isinstance(layer, lstm_tf.Bidirectional))
+    embedding, bidirectional = models.first_layers(model)
     separator = "" if config.split == "character" else " "
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])

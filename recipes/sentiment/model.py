@@ -59,3 +59,12 @@ def create_model(config: Any, batch_size: int | None = None,
     x = keras.layers.Dropout(config.dropout)(x)
     probability = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
     return keras.Model(tokens, probability, name="sentiment_bilstm")
+
+
+def first_layers(model: keras.Model) -> tuple[keras.layers.Embedding, lstm_tf.Bidirectional]:
+    """`create_model`'s embedding and its first Bi-LSTM layer."""
+    embedding = next(layer for layer in model.layers
+                     if isinstance(layer, keras.layers.Embedding))
+    bidirectional = next(layer for layer in model.layers
+                         if isinstance(layer, lstm_tf.Bidirectional))
+    return embedding, bidirectional

@@ -15,9 +15,9 @@ from typing import Any
 
 import keras
 
-import lstm_tf
 from recipes.common.errors import RecipeError
 from recipes.language_model import deploy as lm_deploy
+from recipes.sentiment import model as models
 
 EOS = "<eos>"  # the language model's line end: no review's token
 
@@ -67,11 +67,10 @@ def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
         raise RecipeError(f"this run's vocabulary has words the language model in {path} "
                           f"lacks ({missing[:3]}): it was not built from that model")
     (lm_embedding,) = lm.get_layer("embedding").get_weights()
-    layer = next(la for la in model.layers if isinstance(la, keras.layers.Embedding))
+    layer, first = models.first_layers(model)
     (embedding,) = layer.get_weights()  # (rows past the vocabulary stay as they are)
     rows = [0] + [lm_ids[t] for t in vocab]
     embedding[1:len(rows) + 1] = lm_embedding[rows]
     embedding[0] = 0.0  # padding (masked)
     layer.set_weights([embedding])
-    first = next(la for la in model.layers if isinstance(la, lstm_tf.Bidirectional))
     first.forward_layer.set_weights(lm.get_layer("lstm0").get_weights())
