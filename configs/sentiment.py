@@ -58,9 +58,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A language model's workdir (configs/language_model.py:imdb): its vocabulary, embedding
     # and LSTM start this model (recipes/sentiment/pretrained.py). Empty: random start.
     config.init_from = ""
-    # With init_from, the first backward LSTM: "random", or "language_model" (a copy of the
-    # language model's LSTM, which read the text forwards).
-    config.init_backward = "random"
     config.shuffle_buffer = 25000
     # True: train on full batches only (each bucket's last, partial batch is dropped).
     # Under a multi-replica strategy, replicas then get equal shares of every batch, and

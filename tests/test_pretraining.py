@@ -100,12 +100,6 @@ def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_pa
                             strict=True):
         np.testing.assert_array_equal(ours, before)  # the backward LSTM: not pretrained
 
-    config.init_backward = "language_model"  # the backward LSTM: a copy of the forward one
-    pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
-    for ours, theirs in zip(bidirectional.backward_layer.get_weights(),
-                            lm.get_layer("lstm0").get_weights(), strict=True):
-        np.testing.assert_array_equal(ours, theirs)
-
 
 def test_fine_tuning_starts_from_the_language_model_and_resumes_without_it(lm_imdb_run,
                                                                            tmp_path):
@@ -149,7 +143,6 @@ def test_fine_tuning_starts_from_the_language_model_and_resumes_without_it(lm_im
     ({"lstm_units": 16}, "--config.lstm_units=16, but the language model"),
     ({"embedding_dim": 32}, "set --config.embedding_dim=16"),
     ({"split": "character"}, "needs --config.split=whitespace"),
-    ({"init_backward": "backward"}, "--config.init_backward='backward' is invalid"),
 ])
 def test_init_from_a_language_model_that_does_not_fit(lm_imdb_run, tmp_path, overrides,
                                                        message):

@@ -3,11 +3,9 @@
 The language model (`configs/language_model.py:imdb`) reads IMDB text tokenized
 as this recipe tokenizes it, so the two share words: the run's vocabulary is the
 language model's (its most frequent words, `<eos>` left out), the embedding of
-each word is the language model's, and so are the forward LSTM's weights. The
-backward LSTM starts at random (`config.init_backward="random"`), or as a copy
-of the language model's LSTM (`"language_model"`: it has learnt to read these
-embeddings, though forwards). Then all of it is fine-tuned on the labelled
-reviews (Dai & Le 2015).
+each word is the language model's, and so are the forward LSTM's weights (the
+backward LSTM starts at random: the language model reads forwards). Then all of
+it is fine-tuned on the labelled reviews (Dai & Le 2015).
 """
 
 from __future__ import annotations
@@ -55,12 +53,8 @@ def vocabulary(lm_vocab: list[str], vocab_size: int) -> list[str]:
     return [token for token in lm_vocab if token != EOS][:vocab_size - 2]
 
 
-INIT_BACKWARD = ("random", "language_model")
-
-
 def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
-    """Sets `model`'s embedding and first forward LSTM (and, with
-    `config.init_backward="language_model"`, backward LSTM) to the language model's weights.
+    """Sets `model`'s embedding and first forward LSTM to the language model's weights.
 
     `vocab`: this run's words (id k + 2 is `vocab[k]`; id 1 the unknown word,
     the language model's id 0; id 0 padding, zeros).
@@ -80,5 +74,3 @@ def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
     embedding[0] = 0.0  # padding (masked)
     layer.set_weights([embedding])
     first.forward_layer.set_weights(lm.get_layer("lstm0").get_weights())
-    if config.init_backward == "language_model":
-        first.backward_layer.set_weights(lm.get_layer("lstm0").get_weights())

@@ -30,8 +30,6 @@ CONFIG_RULES = {
     "epochs": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "learning_rate": (lambda v: v > 0, "positive"),
     "clipnorm": (lambda v: v > 0, "positive"),
-    "init_backward": (lambda v: v in pretrained.INIT_BACKWARD,
-                      " or ".join(map(repr, pretrained.INIT_BACKWARD))),
     "shuffle_buffer": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
 }
 
