@@ -5,13 +5,11 @@ import signal
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from recipe_testing import ROOT, parse_config, wait_until
 
-import lstm_tf
 from configs import language_model as lm_config
 from configs import sentiment as sentiment_config
 from recipes.common import data
@@ -32,10 +30,6 @@ def lm_imdb_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("language_model_imdb_smoke")
     lm_train.train_and_evaluate(config, str(workdir))
     return workdir
-
-
-def _layer(model, kind):
-    return next(layer for layer in model.layers if isinstance(layer, kind))
 
 
 def _sentiment_config(lm_run, **overrides):
@@ -80,14 +74,14 @@ def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_pa
     vectorizer = input_pipeline.make_vectorizer(
         config, train_raw, tmp_path / "vocab.txt", vocab)
     model = models.create_model(config)
-    bidirectional = _layer(model, lstm_tf.Bidirectional)
+    embedding_layer, bidirectional = models.first_layers(model)
     backward_before = bidirectional.backward_layer.get_weights()
     pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
 
     lm = lm_deploy.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
     lm_lookup = lm_input.make_lookup(lm_cfg, lm_vocab)
     words = ["the", "movie", "bad", vocab[-1], "qwertyuiop"]  # the last: unknown to both
-    (embedding,) = _layer(model, keras.layers.Embedding).get_weights()
+    (embedding,) = embedding_layer.get_weights()
     (lm_embedding,) = lm.get_layer("embedding").get_weights()
     ours = embedding[vectorizer(tf.constant(words)).flat_values.numpy()]
     theirs = lm_embedding[lm_lookup(tf.constant(words)).numpy()]
@@ -130,11 +124,12 @@ def test_fine_tuning_starts_from_the_language_model_and_resumes_without_it(lm_im
     assert vocab == pretrained.vocabulary(lm_vocab, config.vocab_size)
     model = sentiment_deploy.token_model(config, workdir)  # the run's best checkpoint
     lm_model = lm_deploy.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
-    (embedding,) = _layer(model, keras.layers.Embedding).get_weights()
+    embedding_layer, bidirectional = models.first_layers(model)
+    (embedding,) = embedding_layer.get_weights()
     (lm_embedding,) = lm_model.get_layer("embedding").get_weights()
     np.testing.assert_allclose(embedding[2:len(vocab) + 2],
                                lm_embedding[[lm_vocab.index(t) + 1 for t in vocab]], atol=1e-6)
-    for ours, theirs in zip(_layer(model, lstm_tf.Bidirectional).forward_layer.get_weights(),
+    for ours, theirs in zip(bidirectional.forward_layer.get_weights(),
                             lm_model.get_layer("lstm0").get_weights(), strict=True):
         np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
