@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import resource
 import subprocess
 import sys
 import textwrap
@@ -127,8 +128,14 @@ def test_smoke_run_writes_metrics_diagnostics_and_summaries(copy_task_run):
         metrics["eval"]["loss"] / metrics["eval"]["baseline"])
     assert metrics["steps"] == 20 and metrics["final_training_delay"] == 10
     assert metrics["seconds_per_step"] * metrics["steps"] < metrics["train_seconds"]
+    # The run trained in this process (conftest): its peak lies between what TensorFlow alone
+    # holds and this process's peak now.
+    assert 100 < metrics["peak_rss_mib"] <= resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 1024 + 1
     diagnostics = json.loads((copy_task_run / "diagnostics.json").read_text())
     assert len(diagnostics["gradient_flow"]) == len(diagnostics["forget_gate_mean"]) == 30
+    for name in ("gradient_flow.png", "forget_gate.png"):
+        assert tf.image.decode_png((copy_task_run / name).read_bytes()).shape[-1] >= 3, name
     tags = summary_tags(copy_task_run / "tensorboard")
     assert {"train_loss", "eval_loss", "eval_baseline", "eval_copied_accuracy", "train_delay",
             "gradient_flow", "forget_gate", "steps/train_loss"} <= tags, tags

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import pathlib
+import resource
 import statistics
 import time
 from typing import Any
@@ -59,6 +61,26 @@ def forget_gate_means(model: keras.Model, inputs: np.ndarray) -> np.ndarray | No
         return None
     gates = gate_activations(layer, model.get_layer("embedding")(inputs))
     return tf.reduce_mean(gates["forget"], axis=[0, 2]).numpy()
+
+
+def write_diagnostics(model: keras.Model, inputs: np.ndarray, targets: np.ndarray,
+                      workdir: pathlib.Path, cell: str) -> None:
+    """The trained model's gradient flow and forget gates over time: diagnostics.json + PNGs."""
+    flow = gradient_flow(model, inputs, targets)
+    forget = forget_gate_means(model, inputs)
+    workdirs.write_json(workdir / "diagnostics.json", {
+        "gradient_flow": flow.tolist(),
+        "forget_gate_mean": None if forget is None else forget.tolist(),
+    })
+    pictures = {"gradient_flow.png": plots.line_plot(
+        {cell: flow}, "trained model: error signal reaching step t", "time step t",
+        "‖∂loss/∂h_t‖", logy=True)}
+    if forget is not None:
+        pictures["forget_gate.png"] = plots.line_plot(
+            {cell: forget}, "trained model: mean forget gate", "time step t", "mean f_t")
+    for name, png in pictures.items():
+        exports.write_atomically(lambda tmp, png=png: pathlib.Path(tmp).write_bytes(png),
+                                 workdir / name)
 
 
 class Curriculum(keras.callbacks.Callback):
@@ -167,10 +189,12 @@ def train_and_evaluate(config: Any, workdir: str,
     """Trains on fresh sequences (with the curriculum), evaluates on the held-out set, exports.
 
     Writes to `workdir`: config.json, tensorboard/, backup/ (while training),
-    checkpoints/, metrics.json, diagnostics.json (gradient flow and forget gates
-    over time, final model) and export/<version>/ (the chief only). Rerunning a
-    killed run with the same workdir resumes it. `strategy` (default: the
-    current one) replicates the model; the config's batch size is the global batch.
+    checkpoints/, metrics.json (with `peak_rss_mib`, the process's peak resident
+    memory), diagnostics.json + gradient_flow.png + forget_gate.png (gradient flow
+    and the LSTM's mean forget gate over time, final model) and export/<version>/
+    (the chief only). Rerunning a killed run with the same workdir resumes it.
+    `strategy` (default: the current one) replicates the model; the config's batch
+    size is the global batch.
 
     Returns:
         The metrics written to metrics.json.
@@ -233,11 +257,10 @@ def train_and_evaluate(config: Any, workdir: str,
         "final_training_delay": final_training_delay,
         "seconds_per_step": round(timer.seconds_per_step(), 4) if timer.per_step else None,
     }
-    forget = forget_gate_means(model, probe[0])
-    workdirs.write_json(workdir / "diagnostics.json", {
-        "gradient_flow": gradient_flow(model, *probe).tolist(),
-        "forget_gate_mean": None if forget is None else forget.tolist(),
-    })
+    # The process's peak resident memory so far: the training steps' working set (plus the
+    # interpreter and TensorFlow itself), measured the same way on every CPU.
+    metrics["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    write_diagnostics(model, *probe, workdir=workdir, cell=config.cell)
     if distribute.is_chief(strategy):
         metrics["export"] = str(exports.export_saved_model(lambda path: export(model, path),
                                                           workdir))
