@@ -63,24 +63,32 @@ def forget_gate_means(model: keras.Model, inputs: np.ndarray) -> np.ndarray | No
     return tf.reduce_mean(gates["forget"], axis=[0, 2]).numpy()
 
 
+def diagnostic_pictures(model: keras.Model, inputs: np.ndarray, targets: np.ndarray,
+                        cell: str, title: str) -> tuple[np.ndarray, np.ndarray | None,
+                                                        dict[str, bytes]]:
+    """Gradient flow, the LSTM's mean forget gates (None for other cells) and their PNGs."""
+    flow = gradient_flow(model, inputs, targets)
+    pictures = {"gradient_flow": plots.line_plot(
+        {cell: flow}, f"{title}: error signal reaching step t", "time step t",
+        "‖∂loss/∂h_t‖", logy=True)}
+    forget = forget_gate_means(model, inputs)
+    if forget is not None:
+        pictures["forget_gate"] = plots.line_plot(
+            {cell: forget}, f"{title}: mean forget gate", "time step t", "mean f_t")
+    return flow, forget, pictures
+
+
 def write_diagnostics(model: keras.Model, inputs: np.ndarray, targets: np.ndarray,
                       workdir: pathlib.Path, cell: str) -> None:
     """The trained model's gradient flow and forget gates over time: diagnostics.json + PNGs."""
-    flow = gradient_flow(model, inputs, targets)
-    forget = forget_gate_means(model, inputs)
+    flow, forget, pictures = diagnostic_pictures(model, inputs, targets, cell, "trained model")
     workdirs.write_json(workdir / "diagnostics.json", {
         "gradient_flow": flow.tolist(),
         "forget_gate_mean": None if forget is None else forget.tolist(),
     })
-    pictures = {"gradient_flow.png": plots.line_plot(
-        {cell: flow}, "trained model: error signal reaching step t", "time step t",
-        "‖∂loss/∂h_t‖", logy=True)}
-    if forget is not None:
-        pictures["forget_gate.png"] = plots.line_plot(
-            {cell: forget}, "trained model: mean forget gate", "time step t", "mean f_t")
     for name, png in pictures.items():
         exports.write_atomically(lambda tmp, png=png: pathlib.Path(tmp).write_bytes(png),
-                                 workdir / name)
+                                 workdir / f"{name}.png")
 
 
 class Curriculum(keras.callbacks.Callback):
@@ -114,15 +122,8 @@ class Diagnostics(keras.callbacks.Callback):
         self.writer = tf.summary.create_file_writer(logdir)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        norms = gradient_flow(self.model, self.inputs, self.targets)
-        images = {"gradient_flow": plots.line_plot(
-            {self.cell: norms}, f"epoch {epoch + 1}: error signal reaching step t",
-            "time step t", "‖∂loss/∂h_t‖", logy=True)}
-        forget = forget_gate_means(self.model, self.inputs)
-        if forget is not None:
-            images["forget_gate"] = plots.line_plot(
-                {self.cell: forget}, f"epoch {epoch + 1}: mean forget gate", "time step t",
-                "mean f_t")
+        norms, _, images = diagnostic_pictures(self.model, self.inputs, self.targets,
+                                               self.cell, f"epoch {epoch + 1}")
         with self.writer.as_default():
             for name, png in images.items():
                 tf.summary.image(name, tf.image.decode_png(png)[None], step=epoch + 1)
