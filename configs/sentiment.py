@@ -58,6 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A language model's workdir (configs/language_model.py:imdb): its vocabulary, embedding
     # and LSTM start this model (recipes/sentiment/pretrained.py). Empty: random start.
     config.init_from = ""
+    # With init_from: the learning rate of the language model's weights (embedding, forward
+    # LSTM) is learning_rate * pretrained_lr_scale (discriminative rates; 1: one rate).
+    config.pretrained_lr_scale = 1.0
     config.shuffle_buffer = 25000
     # True: train on full batches only (each bucket's last, partial batch is dropped).
     # Under a multi-replica strategy, replicas then get equal shares of every batch, and

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -98,12 +99,12 @@ def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_pa
 def test_fine_tuning_starts_from_the_language_model_and_resumes_without_it(lm_imdb_run,
                                                                            tmp_path):
     """A run killed (-9) after its first epoch and rerun, at a learning rate of ~0 (its
-    weights stay where they started): it resumes from its backup, which the language
-    model's removal shows (a run from the start needs it), and ends with the language
-    model's vocabulary, embedding and forward LSTM."""
+    weights stay where they started; discriminative rates on): it resumes from its backup,
+    which the language model's removal shows (a run from the start needs it), and ends with
+    the language model's vocabulary, embedding and forward LSTM."""
     lm, workdir = tmp_path / "lm", tmp_path / "run"
     shutil.copytree(lm_imdb_run, lm)
-    settings = {"epochs": 3, "learning_rate": 1e-12}
+    settings = {"epochs": 3, "learning_rate": 1e-12, "pretrained_lr_scale": 0.5}
     proc = subprocess.Popen(
         [sys.executable, "-m", "recipes.sentiment", f"--workdir={workdir}",
          "--config=configs/sentiment.py:smoke", f"--config.init_from={lm}",
@@ -132,6 +133,36 @@ def test_fine_tuning_starts_from_the_language_model_and_resumes_without_it(lm_im
     for ours, theirs in zip(bidirectional.forward_layer.get_weights(),
                             lm_model.get_layer("lstm0").get_weights(), strict=True):
         np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run):
+    """`pretrained_lr_scale`: Adam's first step on the language model's weights (embedding,
+    forward LSTM) is that fraction of plain Keras Adam's on the same batch; the backward LSTM
+    and the classifier take plain Adam's step."""
+    config = _sentiment_config(lm_imdb_run, pretrained_lr_scale=0.25, dropout=0.0,
+                               word_dropout=0.0)
+    vocab = pretrained.vocabulary(pretrained.language_model(config)[2], config.vocab_size)
+    ids = np.random.default_rng(0).integers(1, config.vocab_size, (8, 20))
+    labels = np.arange(8, dtype=np.float32).reshape(8, 1) % 2
+    steps, start = {}, None
+    for name in ("scaled", "plain"):
+        model = models.create_model(config)
+        pretrained.initialize(model, config, vocab)
+        start = start or model.get_weights()  # (the backward LSTM's random start too)
+        model.set_weights(start)
+        optimizer = pretrained.optimizer(model, config) if name == "scaled" else (
+            keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm))
+        model.compile(optimizer=optimizer, loss="binary_crossentropy")
+        model.train_on_batch(ids, labels)
+        steps[name] = [v.numpy() - w for v, w in zip(model.weights, start, strict=True)]
+        embedding, bidirectional = models.first_layers(model)
+        scaled = {v.path for v in embedding.weights + bidirectional.forward_layer.weights}
+        factors = [0.25 if v.path in scaled else 1.0 for v in model.weights]
+    assert factors.count(0.25) == 4 and len(factors) == 9
+    for k, (ours, step) in enumerate(zip(steps["scaled"], steps["plain"], strict=True)):
+        assert np.abs(step).max() > 0, model.weights[k].path
+        np.testing.assert_allclose(ours, factors[k] * step, rtol=1e-4, atol=1e-7,
+                                   err_msg=model.weights[k].path)
 
 
 @pytest.mark.parametrize("overrides, message", [

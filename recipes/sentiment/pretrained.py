@@ -5,7 +5,9 @@ as this recipe tokenizes it, so the two share words: the run's vocabulary is the
 language model's (its most frequent words, `<eos>` left out), the embedding of
 each word is the language model's, and so are the forward LSTM's weights (the
 backward LSTM starts at random: the language model reads forwards). Then all of
-it is fine-tuned on the labelled reviews (Dai & Le 2015).
+it is fine-tuned on the labelled reviews (Dai & Le 2015), the language model's
+weights at `config.pretrained_lr_scale` times the learning rate of the new ones
+(`optimizer`: ULMFiT's discriminative learning rates, Howard & Ruder 2018).
 """
 
 from __future__ import annotations
@@ -51,6 +53,44 @@ def language_model(config: Any) -> tuple[pathlib.Path, Any, list[str]]:
 def vocabulary(lm_vocab: list[str], vocab_size: int) -> list[str]:
     """This run's words (ids 2, 3, ...): the language model's most frequent ones."""
     return [token for token in lm_vocab if token != EOS][:vocab_size - 2]
+
+
+@keras.saving.register_keras_serializable(package="recipes.sentiment")
+class DiscriminativeAdam(keras.optimizers.Adam):
+    """Adam whose learning rate is `scale` times smaller for the variables in `scaled`.
+
+    Args:
+        scaled: the `path`s of the variables that get `scale * learning_rate`.
+        scale: their learning rate's factor (1: plain Adam).
+        **kwargs: `keras.optimizers.Adam`'s arguments.
+    """
+
+    def __init__(self, scaled: tuple[str, ...] = (), scale: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scaled, self.scale = tuple(scaled), scale
+
+    def build(self, variables: list[keras.Variable]) -> None:
+        super().build(variables)
+        # (update_step gets the backend's variables, without `path`: index them as Adam does)
+        self.factors = [self.scale if v.path in self.scaled else 1.0 for v in variables]
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        factor = self.factors[self._get_variable_index(variable)]
+        super().update_step(gradient, variable, learning_rate * factor)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "scaled": list(self.scaled), "scale": self.scale}
+
+
+def optimizer(model: keras.Model, config: Any) -> keras.optimizers.Optimizer:
+    """Adam at `config.learning_rate`; with `config.init_from`, the weights the language model
+    gives (embedding, first forward LSTM) at `config.pretrained_lr_scale` times that rate."""
+    if not config.init_from or config.pretrained_lr_scale == 1.0:
+        return keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm)
+    embedding, first = models.first_layers(model)
+    scaled = [v.path for v in embedding.weights + first.forward_layer.weights]
+    return DiscriminativeAdam(scaled, config.pretrained_lr_scale,
+                              learning_rate=config.learning_rate, clipnorm=config.clipnorm)
 
 
 def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:

@@ -30,6 +30,7 @@ CONFIG_RULES = {
     "epochs": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "learning_rate": (lambda v: v > 0, "positive"),
     "clipnorm": (lambda v: v > 0, "positive"),
+    "pretrained_lr_scale": (lambda v: v > 0, "positive"),
     "shuffle_buffer": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
 }
 
@@ -90,7 +91,7 @@ def train_and_evaluate(config: Any, workdir: str,
         if config.init_from and not first_epoch:  # (a resumed run restores its own weights)
             pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
         model.compile(
-            optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
+            optimizer=pretrained.optimizer(model, config),
             loss="binary_crossentropy",
             metrics=["accuracy"])
     sample_texts, _ = next(iter(val_raw.batch(32)))
