@@ -57,7 +57,7 @@ def vocabulary(lm_vocab: list[str], vocab_size: int) -> list[str]:
 
 @keras.saving.register_keras_serializable(package="recipes.sentiment")
 class DiscriminativeAdam(keras.optimizers.Adam):
-    """Adam whose learning rate is `scale` times smaller for the variables in `scaled`.
+    """Adam at `scale * learning_rate` for the variables whose `path` is in `scaled`.
 
     Args:
         scaled: the `path`s of the variables that get `scale * learning_rate`.
