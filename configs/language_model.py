@@ -8,6 +8,9 @@ Variants (`--config=configs/language_model.py:VARIANT`):
 - `imdb`: word-level IMDB reviews (`train` without the sentiment recipe's validation part,
   plus `unsupervised`; never `test`), tokenized as the sentiment recipe tokenizes: the
   pretraining of `configs/sentiment.py:pretrained` (`--config.init_from`).
+- `imdb_backward`: the same text read backwards, with `imdb`'s vocabulary and embedding
+  (kept fixed): the pretraining of the sentiment model's backward LSTM
+  (`--config.init_backward_from`).
 - `smoke`, `imdb_smoke`: tiny runs for tests (seconds).
 README: Results gives the numbers and wall time on 2 CPU cores of those that were run.
 """
@@ -16,7 +19,8 @@ from __future__ import annotations
 
 import ml_collections
 
-VARIANTS = ("shakespeare", "ptb_small", "ptb_medium", "imdb", "smoke", "imdb_smoke")
+VARIANTS = ("shakespeare", "ptb_small", "ptb_medium", "imdb", "imdb_backward", "smoke",
+            "imdb_smoke")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -38,10 +42,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.validation_split = "validation"
     config.test_split = "test"  # empty: none
     config.max_chars = 0  # > 0: keep only the first max_chars characters of each split
+    config.reverse = False  # True: every split read backwards, token by token (a backward LM)
     config.standardize = ""  # "sentiment": words as the sentiment recipe's tokens
     config.vocab_size = 0  # 0: every token of the training split, plus the unknown token
     config.unknown_token = "\ufffd"  # id 0: tokens not in the vocabulary
     config.start_token = "\n"  # what scoring and generation start from
+    # A finished language model's workdir: its vocabulary and embedding, kept fixed here (a
+    # backward LM whose LSTM can read the same embedding as that forward LM's). Empty: none.
+    config.embedding_from = ""
     # Model: Embedding -> num_layers x LSTM(units) -> Dense(vocab), dropout between.
     config.embedding_dim = 128
     config.units = 512
@@ -113,6 +121,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.decay_after = 8
         config.sample_prompt = "this movie"
         config.sample_tokens = 50
+    if variant == "imdb_backward":
+        config.reverse = True
+        config.embedding_from = "runs/lm_imdb"
+        config.epochs = 1
+        config.sample_prompt = "movie this"  # (read backwards: "this movie")
     if variant == "imdb_smoke":
         config.train_split = "train[:200]"
         config.validation_split = "train[-64:]"

@@ -15,6 +15,8 @@ Variant `pretrained`: the same model (128 units), its words, embedding and forwa
 from a language model trained on IMDB's text first (configs/language_model.py:imdb):
     python -m recipes.sentiment --workdir=runs/sentiment_pretrained \
         --config=configs/sentiment.py:pretrained --config.init_from=runs/lm_imdb
+and its backward LSTM from a backward language model (configs/language_model.py:imdb_backward)
+with `--config.init_backward_from=runs/lm_imdb_backward`.
 
 Variants `smoke` and `zh_smoke` (tests and CI; well under a minute on 2 cores):
     python -m recipes.sentiment --workdir=/tmp/smoke --config=configs/sentiment.py:smoke
@@ -58,8 +60,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A language model's workdir (configs/language_model.py:imdb): its vocabulary, embedding
     # and LSTM start this model (recipes/sentiment/pretrained.py). Empty: random start.
     config.init_from = ""
-    # With init_from: the learning rate of the language model's weights (embedding, forward
-    # LSTM) is learning_rate * pretrained_lr_scale (discriminative rates; 1: one rate).
+    # With init_from: a backward language model's workdir (configs/language_model.py:
+    # imdb_backward, on init_from's embedding): it starts the backward LSTM. Empty: random.
+    config.init_backward_from = ""
+    # With init_from: the learning rate of the language models' weights (embedding, forward
+    # LSTM; the backward one with init_backward_from) is learning_rate * pretrained_lr_scale
+    # (discriminative rates; 1: one rate).
     config.pretrained_lr_scale = 1.0
     config.shuffle_buffer = 25000
     # True: train on full batches only (each bucket's last, partial batch is dropped).

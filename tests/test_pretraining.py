@@ -13,10 +13,11 @@ from recipe_testing import ROOT, parse_config, wait_until
 
 from configs import language_model as lm_config
 from configs import sentiment as sentiment_config
-from recipes.common import data
+from recipes.common import checkpoints, data
 from recipes.common.errors import RecipeError
 from recipes.language_model import deploy as lm_deploy
 from recipes.language_model import input_pipeline as lm_input
+from recipes.language_model import model as lm_model
 from recipes.language_model import train as lm_train
 from recipes.sentiment import deploy as sentiment_deploy
 from recipes.sentiment import input_pipeline, pretrained, train
@@ -31,6 +32,23 @@ def lm_imdb_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("language_model_imdb_smoke")
     lm_train.train_and_evaluate(config, str(workdir))
     return workdir
+
+
+@pytest.fixture(scope="module")
+def lm_imdb_backward_run(lm_imdb_run, tmp_path_factory):
+    """A finished backward LM on `lm_imdb_run`'s embedding (`imdb_backward`, smoke sizes)."""
+    config = _backward_lm_config(lm_imdb_run)
+    workdir = tmp_path_factory.mktemp("language_model_imdb_backward_smoke")
+    lm_train.train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+def _backward_lm_config(lm_run, **overrides):
+    config = lm_config.get_config("imdb_smoke")
+    backward = lm_config.get_config("imdb_backward")
+    config.reverse, config.embedding_from = backward.reverse, str(lm_run)
+    config.update(overrides)
+    return config
 
 
 def _sentiment_config(lm_run, **overrides):
@@ -63,6 +81,50 @@ def test_imdb_language_model_has_no_test_split(lm_imdb_run):
     assert train_text.count("\n") == 199  # 200 reviews, one line end between two
     metrics = (lm_imdb_run / "metrics.json").read_text()
     assert '"test"' not in metrics and '"validation"' in metrics
+
+
+def test_backward_language_model_reads_the_stream_backwards():
+    """`reverse`: the reversed split's tokens are the forward split's, last first (line ends
+    included: `<eos>` between two reviews); a character model's text is the text reversed."""
+    forward, backward = (lm_config.get_config("imdb_smoke") for _ in range(2))
+    backward.reverse = True
+    forward_text, backward_text = (lm_input.read_splits(c)[0] for c in (forward, backward))
+    forward_tokens, backward_tokens = (lm_input.tokenize(
+        tf.constant([text]), c.level, c.standardize)[0].numpy().tolist()
+        for text, c in ((forward_text, forward), (backward_text, backward)))
+    assert backward_tokens == forward_tokens[::-1]
+    assert forward_tokens.count(b"<eos>") == 199 and "<br" in forward_text
+    shakespeare = lm_config.get_config("smoke")
+    assert lm_input.reverse("ab c\nd!", shakespeare) == "!d\nc ba"
+
+
+def test_backward_language_model_trains_on_the_forward_embedding(lm_imdb_run,
+                                                                 lm_imdb_backward_run):
+    """`embedding_from`: the forward model's vocabulary and embedding, unchanged by training;
+    the LSTM and the output layer are its own."""
+    (_, forward_cfg, forward_vocab), (_, backward_cfg, backward_vocab) = (
+        lm_deploy.finished_run(str(run)) for run in (lm_imdb_run, lm_imdb_backward_run))
+    assert backward_vocab == forward_vocab and backward_cfg.reverse
+    forward, backward = (lm_deploy.trained_step_model(c, v, run) for c, v, run in (
+        (forward_cfg, forward_vocab, lm_imdb_run),
+        (backward_cfg, backward_vocab, lm_imdb_backward_run)))
+    for name in ("embedding", "lstm0", "logits"):
+        ours, theirs = backward.get_layer(name).get_weights(), forward.get_layer(name).get_weights()
+        same = all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+        assert same == (name == "embedding"), name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"embedding_dim": 32}, "--config.embedding_dim=32, but the language model in"),
+    ({"vocab_size": 500}, "--config.vocab_size=500, but the language model in"),
+    ({"embedding_from": "/nonexistent"}, "--config.embedding_from=/nonexistent: "),
+])
+def test_embedding_from_a_language_model_that_does_not_fit(lm_imdb_run, tmp_path, overrides,
+                                                            message):
+    with pytest.raises(RecipeError, match=message.replace("-", r"\-").replace(".", r"\.")):
+        lm_train.train_and_evaluate(_backward_lm_config(lm_imdb_run, **overrides),
+                                    str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
 
 
 def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_path):
@@ -135,12 +197,67 @@ def test_fine_tuning_starts_from_the_language_model_and_resumes_without_it(lm_im
         np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
 
-def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run):
-    """`pretrained_lr_scale`: Adam's first step on the language model's weights (embedding,
-    forward LSTM) is that fraction of plain Keras Adam's on the same batch; the backward LSTM
-    and the classifier take plain Adam's step."""
+def test_init_backward_from_starts_the_backward_lstm(lm_imdb_run, lm_imdb_backward_run):
+    """With both language models, the first Bi-LSTM layer at the review's first token holds
+    the backward LM's state after reading the review from its last token to its first, and
+    at its last token the forward LM's state after reading it forwards (LM ids, zero start)."""
+    config = _sentiment_config(lm_imdb_run, init_backward_from=str(lm_imdb_backward_run))
+    vocab = pretrained.vocabulary(pretrained.language_model(config)[2], config.vocab_size)
+    model = models.create_model(config)
+    pretrained.initialize(model, config, vocab)
+    embedding, bidirectional = models.first_layers(model)
+    text = "The movie was bad, but the acting was good."
+    outputs = bidirectional(embedding(np.array([Tokenizer(vocab, 100).ids(text)]))).numpy()[0]
+
+    units = config.lstm_units
+    for run, position, half in ((lm_imdb_run, -1, slice(0, units)),
+                                (lm_imdb_backward_run, 0, slice(units, 2 * units))):
+        _, lm_cfg, lm_vocab = lm_deploy.finished_run(str(run))
+        lm = lm_deploy.trained_step_model(lm_cfg, lm_vocab, run)
+        ids = lm_input.make_lookup(lm_cfg, lm_vocab)(lm_input.tokenize(
+            tf.constant([text]), lm_cfg.level, lm_cfg.standardize)[0]).numpy()
+        ids = ids[::-1] if lm_cfg.reverse else ids
+        zeros = np.zeros((1, units), np.float32)
+        _, h, _ = lm([ids[None], np.ones((1, len(ids)), bool), zeros, zeros])
+        np.testing.assert_allclose(outputs[position, half], h.numpy()[0], atol=1e-5)
+
+
+def test_init_backward_from_a_language_model_that_does_not_fit(lm_imdb_run, lm_imdb_backward_run,
+                                                               tmp_path):
+    """The wrong direction either way, no forward model, and a forward model whose embedding
+    the backward one was not trained on: one error each, before any training."""
+    cases = [({"init_backward_from": str(lm_imdb_run)}, "that language model reads forwards"),
+             ({"init_from": str(lm_imdb_backward_run)}, "that language model reads backwards"),
+             ({"init_from": "", "init_backward_from": str(lm_imdb_backward_run)},
+              "--config.init_backward_from needs --config.init_from")]
+    for overrides, message in cases:
+        with pytest.raises(RecipeError, match=message.replace("-", r"\-").replace(".", r"\.")):
+            train.train_and_evaluate(_sentiment_config(lm_imdb_run, **overrides),
+                                     str(tmp_path / "w"))
+        assert not (tmp_path / "w").exists()
+    other = tmp_path / "other_lm"  # the same LM, its embedding changed
+    shutil.copytree(lm_imdb_run, other)
+    _, lm_cfg, lm_vocab = lm_deploy.finished_run(str(other))
+    training = lm_model.create_model(lm_cfg, len(lm_vocab) + 1, batch_size=lm_cfg.batch_size)
+    training.load_weights(checkpoints.best_checkpoint(other))
+    layer = training.get_layer("embedding")
+    layer.set_weights([layer.get_weights()[0] + 0.01])
+    training.save_weights(checkpoints.best_checkpoint(other))
+    config = _sentiment_config(other, init_backward_from=str(lm_imdb_backward_run))
+    vocab = pretrained.vocabulary(lm_vocab, config.vocab_size)
+    with pytest.raises(RecipeError, match="embedding is not the one of --config.init_from"):
+        pretrained.initialize(models.create_model(config), config, vocab)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run, lm_imdb_backward_run,
+                                                          backward):
+    """`pretrained_lr_scale`: Adam's first step on the language models' weights (embedding,
+    forward LSTM; the backward LSTM with `init_backward_from`) is that fraction of plain Keras
+    Adam's on the same batch; the other weights take plain Adam's step."""
     config = _sentiment_config(lm_imdb_run, pretrained_lr_scale=0.25, dropout=0.0,
-                               word_dropout=0.0)
+                               word_dropout=0.0,
+                               init_backward_from=str(lm_imdb_backward_run) if backward else "")
     vocab = pretrained.vocabulary(pretrained.language_model(config)[2], config.vocab_size)
     ids = np.random.default_rng(0).integers(1, config.vocab_size, (8, 20))
     labels = np.arange(8, dtype=np.float32).reshape(8, 1) % 2
@@ -156,9 +273,10 @@ def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run):
         model.train_on_batch(ids, labels)
         steps[name] = [v.numpy() - w for v, w in zip(model.weights, start, strict=True)]
         embedding, bidirectional = models.first_layers(model)
-        scaled = {v.path for v in embedding.weights + bidirectional.forward_layer.weights}
-        factors = [0.25 if v.path in scaled else 1.0 for v in model.weights]
-    assert factors.count(0.25) == 4 and len(factors) == 9
+        scaled = embedding.weights + bidirectional.forward_layer.weights + (
+            bidirectional.backward_layer.weights if backward else [])
+        factors = [0.25 if v.path in {v.path for v in scaled} else 1.0 for v in model.weights]
+    assert factors.count(0.25) == (7 if backward else 4) and len(factors) == 9
     for k, (ours, step) in enumerate(zip(steps["scaled"], steps["plain"], strict=True)):
         assert np.abs(step).max() > 0, model.weights[k].path
         np.testing.assert_allclose(ours, factors[k] * step, rtol=1e-4, atol=1e-7,

@@ -9,7 +9,9 @@ ends with one; a file is one example), each line end a token (`<eos>` at word
 level, `"\\n"` at character level). With `config.standardize = "sentiment"`,
 words are the sentiment recipe's tokens (its standardization, then
 whitespace), so the two recipes share a vocabulary
-(`recipes.sentiment.pretrained`).
+(`recipes.sentiment.pretrained`). With `config.reverse`, every split is read
+backwards, token by token (`reverse`): a backward language model is this same
+model trained on the reversed text.
 """
 
 from __future__ import annotations
@@ -47,12 +49,23 @@ def tokenize(text: tf.Tensor, level: str, standardize: str = "") -> tf.RaggedTen
 def read_splits(config: Any) -> list[str | None]:
     """The train, validation and test texts, each as one string (`max_chars` at most).
 
-    The test text is None where `config.test_split` is empty (no test split).
+    The test text is None where `config.test_split` is empty (no test split). With
+    `config.reverse`, each text is read backwards (`reverse`).
     """
     texts = _read_splits(config)
     if not config.test_split:
         texts.append(None)
-    return [text[:config.max_chars] if text and config.max_chars else text for text in texts]
+    texts = [text[:config.max_chars] if text and config.max_chars else text for text in texts]
+    return [reverse(text, config) if text and config.reverse else text for text in texts]
+
+
+def reverse(text: str, config: Any) -> str:
+    """`text` backwards, token by token (`tokenize`'s tokens in reverse order, each line end
+    a line end again): characters, or words, whose standardization is then a no-op."""
+    if config.level == "char":
+        return text[::-1]
+    tokens = tokenize(tf.constant([text]), config.level, config.standardize)[0].numpy()
+    return " ".join("\n" if t == b"<eos>" else t.decode("utf-8") for t in tokens[::-1])
 
 
 def _read_splits(config: Any) -> list[str]:

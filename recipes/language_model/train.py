@@ -11,7 +11,7 @@ import tensorflow as tf
 from absl import logging
 
 from recipes.common import checkpoints, errors, exports, summaries, workdirs
-from recipes.language_model import input_pipeline, sampling
+from recipes.language_model import deploy, input_pipeline, sampling
 from recipes.language_model import model as models
 
 _positive_int = (lambda v: isinstance(v, int) and v > 0, "a positive integer")
@@ -124,6 +124,24 @@ def learning_rate_schedule(config: Any) -> keras.callbacks.Callback:
             epoch + 1 - config.decay_after, 0))
 
 
+def fixed_embedding(config: Any) -> tuple[list[str], Any]:
+    """The vocabulary and embedding matrix of the language model in `config.embedding_from`.
+
+    `RecipeError` if it is missing or tokenizes, or embeds, differently from `config`.
+    """
+    try:
+        path, source, vocab = deploy.finished_run(config.embedding_from)
+    except errors.RecipeError as e:
+        raise errors.RecipeError(f"--config.embedding_from={config.embedding_from}: {e}") from None
+    for key in ("level", "standardize", "vocab_size", "unknown_token", "embedding_dim"):
+        if source.get(key, "") != config[key]:
+            raise errors.RecipeError(
+                f"--config.{key}={config[key]!r}, but the language model in {path} (which "
+                f"--config.embedding_from names) has {key}={source.get(key, '')!r}")
+    model = deploy.trained_step_model(source, vocab, path)
+    return vocab, model.get_layer("embedding").get_weights()[0]
+
+
 def export(functions: sampling.LanguageModelFunctions, path: str) -> None:
     """SavedModel with the `generate` and `score` signatures (see `sampling`)."""
     tf.saved_model.save(functions, path, signatures={
@@ -134,6 +152,9 @@ def train_and_evaluate(config: Any, workdir: str,
                        strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
     """Trains with truncated BPTT, keeps the best validation loss, tests (if the config
     has a test split), exports.
+
+    With `config.embedding_from`, the vocabulary and the embedding are that language
+    model's, and the embedding is not trained.
 
     Writes to `workdir`: config.json, vocab.json, tensorboard/, backup/ (while
     training), checkpoints/, metrics.json and export/<version>/. Rerunning a
@@ -152,10 +173,15 @@ def train_and_evaluate(config: Any, workdir: str,
             f"the language model trains with stateful TBPTT, which needs one replica "
             f"(this strategy has {strategy.num_replicas_in_sync}); use --strategy=default or "
             "a single device")
+    if config.embedding_from:  # (checked before the workdir is made)
+        vocab, embedding = fixed_embedding(config)
     train_text, val_text, test_text = input_pipeline.read_splits(config)
     workdir = workdirs.start_run(config, workdir, strategy)
 
-    vocab = input_pipeline.build_vocabulary(config, train_text, workdir / "vocab.json")
+    if config.embedding_from:
+        workdirs.write_json(workdir / "vocab.json", vocab)
+    else:
+        vocab = input_pipeline.build_vocabulary(config, train_text, workdir / "vocab.json")
     lookup = input_pipeline.make_lookup(config, vocab)
     train_ds = input_pipeline.tbptt_batches(
         input_pipeline.to_stream(train_text, lookup, config),
@@ -165,6 +191,9 @@ def train_and_evaluate(config: Any, workdir: str,
 
     with strategy.scope():
         model = models.create_model(config, len(vocab) + 1, batch_size=config.batch_size)
+        if config.embedding_from:
+            model.get_layer("embedding").set_weights([embedding])
+            model.get_layer("embedding").trainable = False
         optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[
             config.optimizer]
         model.compile(

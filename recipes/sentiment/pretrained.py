@@ -3,10 +3,13 @@
 The language model (`configs/language_model.py:imdb`) reads IMDB text tokenized
 as this recipe tokenizes it, so the two share words: the run's vocabulary is the
 language model's (its most frequent words, `<eos>` left out), the embedding of
-each word is the language model's, and so are the forward LSTM's weights (the
-backward LSTM starts at random: the language model reads forwards). Then all of
-it is fine-tuned on the labelled reviews (Dai & Le 2015), the language model's
-weights at `config.pretrained_lr_scale` times the learning rate of the new ones
+each word is the language model's, and so are the forward LSTM's weights. The
+backward LSTM starts at random, or, with `--config.init_backward_from=LM_WORKDIR`,
+from a backward language model (`configs/language_model.py:imdb_backward`: the
+same text read backwards, on the forward model's embedding, kept fixed, so both
+LSTMs read the one embedding they share here). Then all of it is fine-tuned on
+the labelled reviews (Dai & Le 2015), the language models' weights at
+`config.pretrained_lr_scale` times the learning rate of the new ones
 (`optimizer`: ULMFiT's discriminative learning rates, Howard & Ruder 2018).
 """
 
@@ -16,6 +19,7 @@ import pathlib
 from typing import Any
 
 import keras
+import numpy as np
 
 from recipes.common.errors import RecipeError
 from recipes.language_model import deploy as lm_deploy
@@ -24,21 +28,27 @@ from recipes.sentiment import model as models
 EOS = "<eos>"  # the language model's line end: no review's token
 
 
-def language_model(config: Any) -> tuple[pathlib.Path, Any, list[str]]:
-    """The finished language model run `config.init_from`: path, config, vocabulary.
+def language_model(config: Any, backward: bool = False) -> tuple[pathlib.Path, Any, list[str]]:
+    """The finished language model run `config.init_from` (`backward`:
+    `config.init_backward_from`): path, config, vocabulary.
 
-    `RecipeError` if it is missing or does not fit `config` (tokenization, sizes).
+    `RecipeError` if it is missing or does not fit `config` (tokenization, sizes, direction).
     """
+    flag, variant = ("init_backward_from", "imdb_backward") if backward else ("init_from", "imdb")
+    made_by = f"--config=configs/language_model.py:{variant}"
     try:
-        path, lm_config, vocab = lm_deploy.finished_run(config.init_from)
+        path, lm_config, vocab = lm_deploy.finished_run(config[flag])
     except RecipeError as e:
-        raise RecipeError(f"--config.init_from={config.init_from}: {e} (make one: python -m "
-                          "recipes.language_model --workdir=DIR "
-                          "--config=configs/language_model.py:imdb)") from None
+        raise RecipeError(f"--config.{flag}={config[flag]}: {e} (make one: python -m "
+                          f"recipes.language_model --workdir=DIR {made_by})") from None
     if lm_config.level != "word" or lm_config.get("standardize") != "sentiment":
         raise RecipeError(
-            f"--config.init_from={config.init_from}: that language model does not tokenize as "
-            "this recipe (train it with --config=configs/language_model.py:imdb)")
+            f"--config.{flag}={config[flag]}: that language model does not tokenize as "
+            f"this recipe (train it with {made_by})")
+    if lm_config.get("reverse", False) != backward:
+        raise RecipeError(
+            f"--config.{flag}={config[flag]}: that language model reads "
+            f"{'forwards' if backward else 'backwards'} (train it with {made_by})")
     if config.split != "whitespace" or config.ngrams != 1:
         raise RecipeError("--config.init_from needs --config.split=whitespace and "
                           "--config.ngrams=1 (the language model's words)")
@@ -83,18 +93,23 @@ class DiscriminativeAdam(keras.optimizers.Adam):
 
 
 def optimizer(model: keras.Model, config: Any) -> keras.optimizers.Optimizer:
-    """Adam at `config.learning_rate`; with `config.init_from`, the weights the language model
-    gives (embedding, first forward LSTM) at `config.pretrained_lr_scale` times that rate."""
+    """Adam at `config.learning_rate`; with `config.init_from`, the weights the language models
+    give (embedding, first forward LSTM; the backward one with `config.init_backward_from`) at
+    `config.pretrained_lr_scale` times that rate."""
     if not config.init_from or config.pretrained_lr_scale == 1.0:
         return keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm)
     embedding, first = models.first_layers(model)
-    scaled = [v.path for v in embedding.weights + first.forward_layer.weights]
+    pretrained = [embedding, first.forward_layer]
+    if config.init_backward_from:
+        pretrained.append(first.backward_layer)
+    scaled = [v.path for layer in pretrained for v in layer.weights]
     return DiscriminativeAdam(scaled, config.pretrained_lr_scale,
                               learning_rate=config.learning_rate, clipnorm=config.clipnorm)
 
 
 def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
-    """Sets `model`'s embedding and first forward LSTM to the language model's weights.
+    """Sets `model`'s embedding and first forward LSTM to the language model's weights (and,
+    with `config.init_backward_from`, its first backward LSTM to the backward one's).
 
     `vocab`: this run's words (id k + 2 is `vocab[k]`; id 1 the unknown word,
     the language model's id 0; id 0 padding, zeros).
@@ -114,3 +129,13 @@ def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
     embedding[0] = 0.0  # padding (masked)
     layer.set_weights([embedding])
     first.forward_layer.set_weights(lm.get_layer("lstm0").get_weights())
+    if config.init_backward_from:
+        path, lm_config, backward_vocab = language_model(config, backward=True)
+        backward = lm_deploy.trained_step_model(lm_config, backward_vocab, path)
+        (backward_embedding,) = backward.get_layer("embedding").get_weights()
+        if backward_vocab != lm_vocab or not np.array_equal(backward_embedding, lm_embedding):
+            raise RecipeError(
+                f"--config.init_backward_from={config.init_backward_from}: that language "
+                "model's embedding is not the one of --config.init_from (train it with "
+                f"--config.embedding_from={config.init_from})")
+        first.backward_layer.set_weights(backward.get_layer("lstm0").get_weights())

@@ -70,10 +70,15 @@ def train_and_evaluate(config: Any, workdir: str,
     """
     start = time.time()
     errors.check_config(config, CONFIG_RULES)
+    if config.init_backward_from and not config.init_from:
+        raise errors.RecipeError("--config.init_backward_from needs --config.init_from (the "
+                                 "forward language model, whose words and embedding it shares)")
     vocab = None
     if config.init_from and not (pathlib.Path(workdir).expanduser() / "vocab.txt").exists():
         # The language model's words (and a bad init_from is found before the workdir is made).
         vocab = pretrained.vocabulary(pretrained.language_model(config)[2], config.vocab_size)
+        if config.init_backward_from:
+            pretrained.language_model(config, backward=True)
     train_raw, val_raw, test_raw = input_pipeline.load_splits(config)
     strategy = strategy or tf.distribute.get_strategy()
     workdir = workdirs.start_run(config, workdir, strategy)
