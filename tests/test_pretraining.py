@@ -1,5 +1,6 @@
 """Sentiment from a language model: the IMDB LM's words, and `--config.init_from`."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -127,6 +128,18 @@ def test_embedding_from_a_language_model_that_does_not_fit(lm_imdb_run, tmp_path
     assert not (tmp_path / "w").exists()
 
 
+def test_embedding_from_keeps_its_workdirs_vocabulary(lm_imdb_run, lm_imdb_backward_run,
+                                                       tmp_path):
+    """A rerun in a workdir whose vocabulary is not `embedding_from`'s is an error (its
+    backup's embedding rows are of those other words)."""
+    workdir = tmp_path / "w"
+    shutil.copytree(lm_imdb_backward_run, workdir)
+    vocab = json.loads((workdir / "vocab.json").read_text(encoding="utf-8"))
+    (workdir / "vocab.json").write_text(json.dumps(vocab[::-1]), encoding="utf-8")
+    with pytest.raises(RecipeError, match="is not the vocabulary of --config.embedding_from="):
+        lm_train.train_and_evaluate(_backward_lm_config(lm_imdb_run), str(workdir))
+
+
 def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_path):
     config = _sentiment_config(lm_imdb_run)
     _, lm_cfg, lm_vocab = pretrained.language_model(config)
@@ -158,15 +171,17 @@ def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_pa
         np.testing.assert_array_equal(ours, before)  # the backward LSTM: not pretrained
 
 
-def test_fine_tuning_starts_from_the_language_model_and_resumes_without_it(lm_imdb_run,
-                                                                           tmp_path):
-    """A run killed (-9) after its first epoch and rerun, at a learning rate of ~0 (its
-    weights stay where they started; discriminative rates on): it resumes from its backup,
-    which the language model's removal shows (a run from the start needs it), and ends with
-    the language model's vocabulary, embedding and forward LSTM."""
-    lm, workdir = tmp_path / "lm", tmp_path / "run"
+def test_fine_tuning_starts_from_the_language_models_and_resumes_without_them(
+        lm_imdb_run, lm_imdb_backward_run, tmp_path):
+    """A run from both language models killed (-9) after its first epoch and rerun, at a
+    learning rate of ~0 (its weights stay where they started; discriminative rates on): it
+    resumes from its backup, which the language models' removal shows (a run from the start
+    needs them), and ends with their vocabulary, embedding and forward and backward LSTMs."""
+    lm, lm_backward, workdir = tmp_path / "lm", tmp_path / "lm_backward", tmp_path / "run"
     shutil.copytree(lm_imdb_run, lm)
-    settings = {"epochs": 3, "learning_rate": 1e-12, "pretrained_lr_scale": 0.5}
+    shutil.copytree(lm_imdb_backward_run, lm_backward)
+    settings = {"epochs": 3, "learning_rate": 1e-12, "pretrained_lr_scale": 0.5,
+                "init_backward_from": lm_backward}
     proc = subprocess.Popen(
         [sys.executable, "-m", "recipes.sentiment", f"--workdir={workdir}",
          "--config=configs/sentiment.py:smoke", f"--config.init_from={lm}",
@@ -178,7 +193,8 @@ def test_fine_tuning_starts_from_the_language_model_and_resumes_without_it(lm_im
     proc.wait()
     assert not (workdir / "metrics.json").exists()
     shutil.rmtree(lm)
-    config = _sentiment_config(lm, **settings)
+    shutil.rmtree(lm_backward)
+    config = _sentiment_config(lm, **{**settings, "init_backward_from": str(lm_backward)})
     metrics = train.train_and_evaluate(config, str(workdir))
     assert metrics["export"] == str(workdir / "export" / "1")
 
@@ -192,9 +208,14 @@ def test_fine_tuning_starts_from_the_language_model_and_resumes_without_it(lm_im
     (lm_embedding,) = lm_model.get_layer("embedding").get_weights()
     np.testing.assert_allclose(embedding[2:len(vocab) + 2],
                                lm_embedding[[lm_vocab.index(t) + 1 for t in vocab]], atol=1e-6)
-    for ours, theirs in zip(bidirectional.forward_layer.get_weights(),
-                            lm_model.get_layer("lstm0").get_weights(), strict=True):
-        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    _, backward_cfg, backward_vocab = lm_deploy.finished_run(str(lm_imdb_backward_run))
+    backward_model = lm_deploy.trained_step_model(backward_cfg, backward_vocab,
+                                                  lm_imdb_backward_run)
+    for layer, source in ((bidirectional.forward_layer, lm_model),
+                          (bidirectional.backward_layer, backward_model)):
+        for ours, theirs in zip(layer.get_weights(), source.get_layer("lstm0").get_weights(),
+                                strict=True):
+            np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
 
 def test_init_backward_from_starts_the_backward_lstm(lm_imdb_run, lm_imdb_backward_run):
@@ -273,9 +294,9 @@ def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run, lm_imdb_b
         model.train_on_batch(ids, labels)
         steps[name] = [v.numpy() - w for v, w in zip(model.weights, start, strict=True)]
         embedding, bidirectional = models.first_layers(model)
-        scaled = embedding.weights + bidirectional.forward_layer.weights + (
-            bidirectional.backward_layer.weights if backward else [])
-        factors = [0.25 if v.path in {v.path for v in scaled} else 1.0 for v in model.weights]
+        scaled = {w.path for w in embedding.weights + bidirectional.forward_layer.weights + (
+            bidirectional.backward_layer.weights if backward else [])}
+        factors = [0.25 if v.path in scaled else 1.0 for v in model.weights]
     assert factors.count(0.25) == (7 if backward else 4) and len(factors) == 9
     for k, (ours, step) in enumerate(zip(steps["scaled"], steps["plain"], strict=True)):
         assert np.abs(step).max() > 0, model.weights[k].path

@@ -72,6 +72,7 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
         deploy.write(json.dumps(vocab, ensure_ascii=False).encode("utf-8"), out / "vocab.json")
         settings = {k: config[k] for k in SETTINGS}
         settings["standardize"] = config.get("standardize", "")
+        settings["reverse"] = config.get("reverse", False)  # (true: reads text backwards)
         deploy.write(json.dumps(settings, indent=2, ensure_ascii=False).encode("utf-8"),
                      out / "tokenizer.json")
     return written

@@ -65,6 +65,7 @@ def reverse(text: str, config: Any) -> str:
     if config.level == "char":
         return text[::-1]
     tokens = tokenize(tf.constant([text]), config.level, config.standardize)[0].numpy()
+    # (every token a Python string for a moment: memory as for the vocabulary's count)
     return " ".join("\n" if t == b"<eos>" else t.decode("utf-8") for t in tokens[::-1])
 
 
@@ -104,21 +105,31 @@ def join_examples(texts: Iterable[str]) -> str:
     return "".join(parts)
 
 
-def build_vocabulary(config: Any, train_text: str, vocab_file: pathlib.Path) -> list[str]:
+def build_vocabulary(config: Any, train_text: str, vocab_file: pathlib.Path,
+                     given: list[str] | None = None) -> list[str]:
     """The training split's tokens, most frequent first, without the unknown token.
 
     At most `config.vocab_size - 1` of them (0: all); every other token maps to
     `config.unknown_token` (id 0). Kept in `vocab_file` (JSON), so a resumed run
-    and the export use the same ids.
+    and the export use the same ids. `given`: these tokens instead (the vocabulary of
+    `config.embedding_from`); `RecipeError` if `vocab_file` already holds others.
     """
     if vocab_file.exists():
-        return json.loads(vocab_file.read_text(encoding="utf-8"))
-    tokens = tokenize(tf.constant([train_text]), config.level, config.standardize)[0].numpy()
-    counts = collections.Counter(t.decode("utf-8") for t in tokens)
-    counts.pop(config.unknown_token, None)
-    vocab = sorted(counts, key=lambda t: (-counts[t], t))
-    if config.vocab_size:
-        vocab = vocab[:config.vocab_size - 1]
+        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+        if given is not None and vocab != given:
+            raise RecipeError(f"{vocab_file} is not the vocabulary of --config.embedding_from="
+                              f"{config.embedding_from}: use another workdir")
+        return vocab
+    if given is not None:
+        vocab = given
+    else:
+        tokens = tokenize(tf.constant([train_text]), config.level,
+                          config.standardize)[0].numpy()
+        counts = collections.Counter(t.decode("utf-8") for t in tokens)
+        counts.pop(config.unknown_token, None)
+        vocab = sorted(counts, key=lambda t: (-counts[t], t))
+        if config.vocab_size:
+            vocab = vocab[:config.vocab_size - 1]
     tmp = vocab_file.with_name(f".{vocab_file.name}.tmp")
     tmp.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     tmp.replace(vocab_file)

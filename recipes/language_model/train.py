@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -124,7 +125,7 @@ def learning_rate_schedule(config: Any) -> keras.callbacks.Callback:
             epoch + 1 - config.decay_after, 0))
 
 
-def fixed_embedding(config: Any) -> tuple[list[str], Any]:
+def fixed_embedding(config: Any) -> tuple[list[str], np.ndarray]:
     """The vocabulary and embedding matrix of the language model in `config.embedding_from`.
 
     `RecipeError` if it is missing or tokenizes, or embeds, differently from `config`.
@@ -173,15 +174,12 @@ def train_and_evaluate(config: Any, workdir: str,
             f"the language model trains with stateful TBPTT, which needs one replica "
             f"(this strategy has {strategy.num_replicas_in_sync}); use --strategy=default or "
             "a single device")
-    if config.embedding_from:  # (checked before the workdir is made)
-        vocab, embedding = fixed_embedding(config)
+    # (checked before the workdir is made; built on every start, so layer names stay the same)
+    given, embedding = fixed_embedding(config) if config.embedding_from else (None, None)
     train_text, val_text, test_text = input_pipeline.read_splits(config)
     workdir = workdirs.start_run(config, workdir, strategy)
 
-    if config.embedding_from:
-        workdirs.write_json(workdir / "vocab.json", vocab)
-    else:
-        vocab = input_pipeline.build_vocabulary(config, train_text, workdir / "vocab.json")
+    vocab = input_pipeline.build_vocabulary(config, train_text, workdir / "vocab.json", given)
     lookup = input_pipeline.make_lookup(config, vocab)
     train_ds = input_pipeline.tbptt_batches(
         input_pipeline.to_stream(train_text, lookup, config),
@@ -191,7 +189,7 @@ def train_and_evaluate(config: Any, workdir: str,
 
     with strategy.scope():
         model = models.create_model(config, len(vocab) + 1, batch_size=config.batch_size)
-        if config.embedding_from:
+        if embedding is not None:
             model.get_layer("embedding").set_weights([embedding])
             model.get_layer("embedding").trainable = False
         optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[

@@ -75,7 +75,9 @@ def train_and_evaluate(config: Any, workdir: str,
                                  "forward language model, whose words and embedding it shares)")
     vocab = None
     if config.init_from and not (pathlib.Path(workdir).expanduser() / "vocab.txt").exists():
-        # The language model's words (and a bad init_from is found before the workdir is made).
+        # The language model's words (and a bad init_from is found before the workdir is made;
+        # a backward model's direction and sizes too, its embedding when it is read: no Keras
+        # model may be built here, or a resumed run's layer names would differ).
         vocab = pretrained.vocabulary(pretrained.language_model(config)[2], config.vocab_size)
         if config.init_backward_from:
             pretrained.language_model(config, backward=True)
