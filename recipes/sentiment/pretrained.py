@@ -130,26 +130,12 @@ def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
     layer.set_weights([embedding])
     first.forward_layer.set_weights(lm.get_layer("lstm0").get_weights())
     if config.init_backward_from:
-        first.backward_layer.set_weights(backward_lstm_weights(config))
-
-
-def backward_lstm_weights(config: Any) -> list[Any]:
-    """The LSTM weights of the backward language model `config.init_backward_from`.
-
-    `RecipeError` if it does not fit `config` (as `language_model`), or if its vocabulary or
-    embedding is not the one of the forward model `config.init_from`.
-    """
-    loaded = []
-    for backward in (False, True):
-        path, lm_config, vocab = language_model(config, backward=backward)
-        loaded.append((vocab, lm_deploy.trained_step_model(lm_config, vocab, path)))
-    (forward_vocab, forward), (backward_vocab, backward) = loaded
-    (forward_embedding,) = forward.get_layer("embedding").get_weights()
-    (backward_embedding,) = backward.get_layer("embedding").get_weights()
-    if backward_vocab != forward_vocab or not np.array_equal(backward_embedding,
-                                                             forward_embedding):
-        raise RecipeError(
-            f"--config.init_backward_from={config.init_backward_from}: that language model's "
-            "embedding is not the one of --config.init_from (train it with "
-            f"--config.embedding_from={config.init_from})")
-    return backward.get_layer("lstm0").get_weights()
+        path, lm_config, backward_vocab = language_model(config, backward=True)
+        backward = lm_deploy.trained_step_model(lm_config, backward_vocab, path)
+        (backward_embedding,) = backward.get_layer("embedding").get_weights()
+        if backward_vocab != lm_vocab or not np.array_equal(backward_embedding, lm_embedding):
+            raise RecipeError(
+                f"--config.init_backward_from={config.init_backward_from}: that language "
+                "model's embedding is not the one of --config.init_from (train it with "
+                f"--config.embedding_from={config.init_from})")
+        first.backward_layer.set_weights(backward.get_layer("lstm0").get_weights())
