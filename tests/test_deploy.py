@@ -5,12 +5,13 @@ ids), TensorFlow's `TextVectorization` (the tokenizer), the Keras step model
 (the streaming language model), and the TFLite op lists.
 """
 
+import re
 import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from recipe_testing import run_recipe
+from recipe_testing import assert_one_line_error, run_recipe
 
 from recipes.common import deploy
 from recipes.common.errors import RecipeError
@@ -216,3 +217,52 @@ def test_export_command_line(sentiment_deployed):
     name, size, printed = proc.stdout.strip().split("\t")
     assert (name, printed) == ("tflite", str(path)) and path.stat().st_mtime_ns > before
     assert size == f"{path.stat().st_size / 2**20:.2f} MiB"
+
+
+def test_sentiment_ensemble_averages_its_members(sentiment_run, tmp_path):
+    """`ensemble` through the entry point: a SavedModel whose probability is the mean of its
+    members' (each member's own export is the reference); `evaluate` reads it."""
+    from configs import sentiment as sentiment_config
+    from recipes.sentiment import deploy as sentiment_deploy
+    from recipes.sentiment import input_pipeline, train
+
+    config = sentiment_config.get_config("smoke")
+    config.seed, config.epochs = 1, 1
+    train.train_and_evaluate(config, str(tmp_path / "seed1"))
+    members = [str(sentiment_run / "export"), str(tmp_path / "seed1" / "export")]
+    proc = run_recipe("sentiment", "ensemble", f"--workdir={tmp_path / 'ensemble'}",
+                      "--models=" + ",".join(members))
+    assert proc.stdout.strip() == str(tmp_path / "ensemble" / "export" / "1")
+
+    (reviews,) = input_pipeline.load_texts(config, ["test[:64]"])
+    texts, labels = zip(*[(t.decode("utf-8"), y) for t, y in reviews.as_numpy_iterator()],
+                        strict=True)
+    texts = list(texts) + TEXTS
+    expected = [sentiment_deploy.predictor(m)(texts) for m in members]
+    assert np.abs(expected[0] - expected[1]).max() > 1e-3  # two different models
+    ensemble = str(tmp_path / "ensemble" / "export")
+    mean = np.mean(expected, axis=0)
+    np.testing.assert_allclose(sentiment_deploy.predictor(ensemble)(texts), mean, atol=1e-6)
+    result = sentiment_deploy.accuracy(ensemble, sentiment_deploy.config_of(ensemble),
+                                       "test[:64]")
+    assert result == {"accuracy": np.mean((mean[:64] >= 0.5) == np.array(labels, bool)),
+                      "examples": 64}
+
+
+def test_sentiment_ensemble_errors(sentiment_run, sentiment_zh_run, tmp_path):
+    from recipes.sentiment import deploy as sentiment_deploy
+
+    out = tmp_path / "ensemble"
+    imdb, zh = str(sentiment_run / "export"), str(sentiment_zh_run / "export")
+    for models, message in [
+        ([imdb], "ensemble needs two or more exports"),
+        ([imdb, str(tmp_path / "missing")], "no SavedModel in"),
+        ([imdb, zh], "trained on different datasets (chinese_reviews, imdb_reviews)"),
+    ]:
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            sentiment_deploy.ensemble(models, str(out))
+    with pytest.raises(RecipeError, match="holds a training run; pass a new --workdir"):
+        sentiment_deploy.ensemble([imdb, imdb], str(sentiment_run))
+    assert not out.exists()
+    proc = run_recipe("sentiment", "ensemble", f"--models={imdb},{imdb}", check=False)
+    assert_one_line_error(proc, "ensemble needs --workdir=WORKDIR")

@@ -10,6 +10,9 @@ Predict with the SavedModel export or any deployed model file:
     python -m recipes.sentiment predict --model=runs/sentiment/deploy/model_int8.tflite "Dull."
 Accuracy of any of them on a split (default: test):
     python -m recipes.sentiment evaluate --model=runs/sentiment/deploy/model_int8.tflite
+One SavedModel averaging several exports' probabilities (an ensemble):
+    python -m recipes.sentiment ensemble --workdir=runs/sentiment_ensemble \
+        --models=runs/sentiment_a/export,runs/sentiment_b/export
 The gates, cell states and token influences of texts, from an export (a table, one PNG):
     python -m recipes.sentiment explain --model=runs/sentiment_zh/export --out=zh.png "我爱中国"
 """
@@ -28,6 +31,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write everything "
 _MODEL = flags.DEFINE_string("model", None, "For `predict` and `evaluate`: a SavedModel "
                              "export (WORKDIR/export or a version in it) or a deployed model "
                              "file (WORKDIR/deploy/model.tflite, ...).")
+_MODELS = flags.DEFINE_list("models", None, "For `ensemble`: the SavedModel exports to "
+                            "average (WORKDIR/export, ...), two or more.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Same as --model (a SavedModel export).")
 _FORMAT = flags.DEFINE_list("format", ",".join(deploy.FORMATS),
                             f"For `export`: the formats to write ({', '.join(deploy.FORMATS)}).")
@@ -37,7 +42,7 @@ _CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(configs.__file__), "sentiment.py"),
     "Config file, optionally with a variant: configs/sentiment.py:smoke.")
 
-COMMANDS = ("predict", "export", "evaluate", "explain")
+COMMANDS = ("predict", "export", "evaluate", "explain", "ensemble")
 
 
 def _model_flag(command: str) -> str:
@@ -74,6 +79,10 @@ def main(argv: list[str]) -> None:
             raise errors.RecipeError("export needs --workdir=WORKDIR (a finished run)")
         for name, path in sentiment_deploy.export(_WORKDIR.value, _FORMAT.value).items():
             print(f"{name}\t{path.stat().st_size / 2**20:.2f} MiB\t{path}")
+    elif command == "ensemble":
+        if not _WORKDIR.value:
+            raise errors.RecipeError("ensemble needs --workdir=WORKDIR (where to write it)")
+        print(sentiment_deploy.ensemble(_MODELS.value or [], _WORKDIR.value))
     else:
         model = _model_flag("evaluate")
         config = sentiment_deploy.config_of(model)

@@ -79,6 +79,51 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
     return written
 
 
+def ensemble(models: list[str], workdir: str) -> pathlib.Path:
+    """A SavedModel averaging the P(positive) of sentiment exports (ULMFiT's ensemble).
+
+    Its `serving_default` takes `text` `[batch]` like every member's (each
+    member tokenizes for itself) and returns the mean probability and its label.
+    Written to `workdir/export/<N>`, with `members.json` (the members' exports)
+    and the first member's `config.json` (its dataset and splits, for `evaluate`).
+    """
+    if len(models) < 2:
+        raise RecipeError("ensemble needs two or more exports: "
+                          "--models=WORKDIR/export,WORKDIR/export[,...]")
+    out = pathlib.Path(workdir).expanduser().resolve()
+    if (out / "config.json").exists() and not (out / "members.json").exists():
+        raise RecipeError(f"{out} holds a training run; pass a new --workdir for the ensemble")
+    paths = [exports.latest_export(m) for m in models]
+    configs = [config_of(m) for m in models]
+    datasets = sorted({c.dataset for c in configs})
+    if len(datasets) > 1:
+        raise RecipeError(f"the exports were trained on different datasets "
+                          f"({', '.join(datasets)}); an ensemble averages models of one")
+    members = [tf.saved_model.load(str(p)) for p in paths]
+    for path, member in zip(paths, members, strict=True):
+        serving = member.signatures.get("serving_default")
+        if serving is None or "probability" not in serving.structured_outputs:
+            raise RecipeError(f"{path} is not a sentiment export (no serving_default "
+                              "giving a probability)")
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def serve(text: tf.Tensor) -> dict[str, tf.Tensor]:
+        probability = tf.add_n([m.signatures["serving_default"](text=text)["probability"]
+                                for m in members]) / len(members)
+        return {"probability": probability, "label": tf.cast(probability >= 0.5, tf.int32)}
+
+    module = tf.Module()
+    module.members = members
+    # Serving needs no gradients, and the fused LSTM's custom gradient cannot be saved again.
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    out = workdirs.prepare_workdir(workdir)
+    with workdirs.locked(out):
+        workdirs.write_json(out / "config.json", configs[0].to_dict())
+        workdirs.write_json(out / "members.json", [str(p.resolve()) for p in paths])
+        return exports.export_saved_model(lambda path: tf.saved_model.save(
+            module, path, signatures={"serving_default": serve}, options=options), out)
+
+
 def _representative(config: Any, tokenizer: Tokenizer) -> Any:
     """Calibration inputs for int8: the first `config.calibration_reviews` training reviews,
     one at a time at their true lengths."""
