@@ -1,4 +1,4 @@
-"""Deployment artifacts of a finished run, and predictions and accuracy with any of them.
+"""Deployment artifacts of a run, ensembles of exports, predictions and accuracy with any.
 
 `export(workdir, formats)` writes `WORKDIR/deploy/`: the token-id models
 (`recipes.common.deploy`: TFLite float / dynamic-range / int8, ONNX), with
