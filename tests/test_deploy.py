@@ -249,7 +249,7 @@ def test_sentiment_ensemble_averages_its_members(sentiment_run, tmp_path):
                       "examples": 64}
 
 
-def test_sentiment_ensemble_errors(sentiment_run, sentiment_zh_run, tmp_path):
+def test_sentiment_ensemble_errors(sentiment_run, sentiment_zh_run, copy_task_run, tmp_path):
     from recipes.sentiment import deploy as sentiment_deploy
 
     out = tmp_path / "ensemble"
@@ -258,6 +258,7 @@ def test_sentiment_ensemble_errors(sentiment_run, sentiment_zh_run, tmp_path):
         ([imdb], "ensemble needs two or more exports"),
         ([imdb, str(tmp_path / "missing")], "no SavedModel in"),
         ([imdb, zh], "trained on different datasets (chinese_reviews, imdb_reviews)"),
+        ([imdb, str(copy_task_run / "export")], "is not a sentiment export"),
     ]:
         with pytest.raises(RecipeError, match=re.escape(message)):
             sentiment_deploy.ensemble(models, str(out))
