@@ -1,6 +1,7 @@
 """Sentiment from a language model: the IMDB LM's words, and `--config.init_from`."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -122,7 +123,7 @@ def test_backward_language_model_trains_on_the_forward_embedding(lm_imdb_run,
 ])
 def test_embedding_from_a_language_model_that_does_not_fit(lm_imdb_run, tmp_path, overrides,
                                                             message):
-    with pytest.raises(RecipeError, match=message.replace("-", r"\-").replace(".", r"\.")):
+    with pytest.raises(RecipeError, match=re.escape(message)):
         lm_train.train_and_evaluate(_backward_lm_config(lm_imdb_run, **overrides),
                                     str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
@@ -252,7 +253,7 @@ def test_init_backward_from_a_language_model_that_does_not_fit(lm_imdb_run, lm_i
              ({"init_from": "", "init_backward_from": str(lm_imdb_backward_run)},
               "--config.init_backward_from needs --config.init_from")]
     for overrides, message in cases:
-        with pytest.raises(RecipeError, match=message.replace("-", r"\-").replace(".", r"\.")):
+        with pytest.raises(RecipeError, match=re.escape(message)):
             train.train_and_evaluate(_sentiment_config(lm_imdb_run, **overrides),
                                      str(tmp_path / "w"))
         assert not (tmp_path / "w").exists()
@@ -311,7 +312,7 @@ def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run, lm_imdb_b
 ])
 def test_init_from_a_language_model_that_does_not_fit(lm_imdb_run, tmp_path, overrides,
                                                        message):
-    with pytest.raises(RecipeError, match=message.replace("-", r"\-").replace(".", r"\.")):
+    with pytest.raises(RecipeError, match=re.escape(message)):
         train.train_and_evaluate(_sentiment_config(lm_imdb_run, **overrides), str(tmp_path))
 
 
