@@ -116,7 +116,7 @@ def ensemble(models: list[str], workdir: str) -> pathlib.Path:
     module.members = members
     # Serving needs no gradients, and the fused LSTM's custom gradient cannot be saved again.
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-    out = workdirs.prepare_workdir(workdir)
+    workdirs.prepare_workdir(out)
     with workdirs.locked(out):
         workdirs.write_json(out / "config.json", configs[0].to_dict())
         workdirs.write_json(out / "members.json", [str(p.resolve()) for p in paths])
