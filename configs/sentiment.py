@@ -55,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.epochs = 4
     config.learning_rate = 1e-3
+    # "constant", or "cosine": from learning_rate down to 0 over the run's steps (cosine decay).
+    config.lr_schedule = "constant"
     config.clipnorm = 1.0
     config.early_stopping_patience = 0  # 0: off
     # A language model's workdir (configs/language_model.py:imdb): its vocabulary, embedding

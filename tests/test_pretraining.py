@@ -271,15 +271,21 @@ def test_init_backward_from_a_language_model_that_does_not_fit(lm_imdb_run, lm_i
         pretrained.initialize(models.create_model(config), config, vocab)
 
 
-@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("backward, schedule", [
+    (False, "constant"), (True, "constant"), (False, "cosine")])
 def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run, lm_imdb_backward_run,
-                                                          backward):
-    """`pretrained_lr_scale`: Adam's first step on the language models' weights (embedding,
+                                                          backward, schedule):
+    """`pretrained_lr_scale`: Adam's step on the language models' weights (embedding,
     forward LSTM; the backward LSTM with `init_backward_from`) is that fraction of plain Keras
-    Adam's on the same batch; the other weights take plain Adam's step."""
+    Adam's on the same batch; the other weights take plain Adam's step. With
+    `lr_schedule="cosine"`, at step t of T the rate is lr * (1 + cos(pi t / T)) / 2."""
     config = _sentiment_config(lm_imdb_run, pretrained_lr_scale=0.25, dropout=0.0,
-                               word_dropout=0.0,
+                               word_dropout=0.0, lr_schedule=schedule,
                                init_backward_from=str(lm_imdb_backward_run) if backward else "")
+    steps_per_epoch, t = 10, 7  # T = epochs * steps_per_epoch = 20
+    rate = config.learning_rate * (
+        (1 + np.cos(np.pi * t / (config.epochs * steps_per_epoch))) / 2
+        if schedule == "cosine" else 1.0)
     vocab = pretrained.vocabulary(pretrained.language_model(config)[2], config.vocab_size)
     ids = np.random.default_rng(0).integers(1, config.vocab_size, (8, 20))
     labels = np.arange(8, dtype=np.float32).reshape(8, 1) % 2
@@ -289,8 +295,11 @@ def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run, lm_imdb_b
         pretrained.initialize(model, config, vocab)
         start = start or model.get_weights()  # (the backward LSTM's random start too)
         model.set_weights(start)
-        optimizer = pretrained.optimizer(model, config) if name == "scaled" else (
-            keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm))
+        optimizer = pretrained.optimizer(
+            model, config, train.learning_rate(config, steps_per_epoch)) if name == "scaled" else (
+            keras.optimizers.Adam(rate, clipnorm=config.clipnorm))
+        optimizer.build(model.trainable_variables)
+        optimizer.iterations.assign(t)  # (Adam's bias correction: step t + 1 for both)
         model.compile(optimizer=optimizer, loss="binary_crossentropy")
         model.train_on_batch(ids, labels)
         steps[name] = [v.numpy() - w for v, w in zip(model.weights, start, strict=True)]

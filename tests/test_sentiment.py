@@ -132,6 +132,7 @@ def _config(**overrides):
     ({"download": False, "data_dir": "{tmp}/empty"}, "set TFDS_DATA_DIR"),
     ({"batch_size": 0}, "--config.batch_size=0 is invalid"),
     ({"dropout": 1.5}, "--config.dropout=1.5 is invalid"),
+    ({"lr_schedule": "linear"}, "--config.lr_schedule='linear' is invalid"),
     ({"text_feature": "body"}, "not features of 'imdb_reviews'"),
     ({"train_split": "train[:abc]"}, "bad split"),
 ])

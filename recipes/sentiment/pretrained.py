@@ -20,6 +20,7 @@ from typing import Any
 
 import keras
 import numpy as np
+from keras.optimizers.schedules import LearningRateSchedule
 
 from recipes.common.errors import RecipeError
 from recipes.language_model import deploy as lm_deploy
@@ -92,19 +93,22 @@ class DiscriminativeAdam(keras.optimizers.Adam):
         return {**super().get_config(), "scaled": list(self.scaled), "scale": self.scale}
 
 
-def optimizer(model: keras.Model, config: Any) -> keras.optimizers.Optimizer:
-    """Adam at `config.learning_rate`; with `config.init_from`, the weights the language models
-    give (embedding, first forward LSTM; the backward one with `config.init_backward_from`) at
-    `config.pretrained_lr_scale` times that rate."""
+def optimizer(model: keras.Model, config: Any,
+              learning_rate: float | LearningRateSchedule | None = None
+              ) -> keras.optimizers.Optimizer:
+    """Adam at `learning_rate` (default `config.learning_rate`); with `config.init_from`, the
+    weights the language models give (embedding, first forward LSTM; the backward one with
+    `config.init_backward_from`) at `config.pretrained_lr_scale` times that rate."""
+    learning_rate = config.learning_rate if learning_rate is None else learning_rate
     if not config.init_from or config.pretrained_lr_scale == 1.0:
-        return keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm)
+        return keras.optimizers.Adam(learning_rate, clipnorm=config.clipnorm)
     embedding, first = models.first_layers(model)
     pretrained = [embedding, first.forward_layer]
     if config.init_backward_from:
         pretrained.append(first.backward_layer)
     scaled = [v.path for layer in pretrained for v in layer.weights]
     return DiscriminativeAdam(scaled, config.pretrained_lr_scale,
-                              learning_rate=config.learning_rate, clipnorm=config.clipnorm)
+                              learning_rate=learning_rate, clipnorm=config.clipnorm)
 
 
 def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:

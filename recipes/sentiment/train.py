@@ -9,6 +9,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 from absl import logging
+from keras.optimizers.schedules import LearningRateSchedule
 
 from recipes.common import checkpoints, distribute, errors, exports, summaries, workdirs
 from recipes.sentiment import explain, input_pipeline, pretrained
@@ -29,6 +30,7 @@ CONFIG_RULES = {
     "batch_size": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "epochs": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "learning_rate": (lambda v: v > 0, "positive"),
+    "lr_schedule": (lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
     "clipnorm": (lambda v: v > 0, "positive"),
     "pretrained_lr_scale": (lambda v: v > 0, "positive"),
     "shuffle_buffer": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
@@ -53,6 +55,16 @@ def export(model: keras.Model, vectorizer: keras.layers.TextVectorization, confi
     archive.add_endpoint("serving_default", serve)
     archive.add_endpoint("explain", explain.explain_function(model, vectorizer, config))
     archive.write_out(path, verbose=False)
+
+
+def learning_rate(config: Any, steps_per_epoch: int) -> float | LearningRateSchedule:
+    """`config.learning_rate`, or with `config.lr_schedule="cosine"` that rate decayed to 0
+    over the run's `config.epochs * steps_per_epoch` steps (a resumed run restores the
+    optimizer's step count, so its schedule goes on where it stopped)."""
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(config.learning_rate,
+                                                      config.epochs * steps_per_epoch)
+    return config.learning_rate
 
 
 def train_and_evaluate(config: Any, workdir: str,
@@ -98,7 +110,8 @@ def train_and_evaluate(config: Any, workdir: str,
         if config.init_from and not first_epoch:  # (a resumed run restores its own weights)
             pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
         model.compile(
-            optimizer=pretrained.optimizer(model, config),
+            optimizer=pretrained.optimizer(model, config,
+                                           learning_rate(config, steps_per_epoch)),
             loss="binary_crossentropy",
             metrics=["accuracy"])
     sample_texts, _ = next(iter(val_raw.batch(32)))
