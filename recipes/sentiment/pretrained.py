@@ -94,12 +94,10 @@ class DiscriminativeAdam(keras.optimizers.Adam):
 
 
 def optimizer(model: keras.Model, config: Any,
-              learning_rate: float | LearningRateSchedule | None = None
-              ) -> keras.optimizers.Optimizer:
-    """Adam at `learning_rate` (default `config.learning_rate`); with `config.init_from`, the
-    weights the language models give (embedding, first forward LSTM; the backward one with
+              learning_rate: float | LearningRateSchedule) -> keras.optimizers.Optimizer:
+    """Adam at `learning_rate` (`train.learning_rate`); with `config.init_from`, the weights
+    the language models give (embedding, first forward LSTM; the backward one with
     `config.init_backward_from`) at `config.pretrained_lr_scale` times that rate."""
-    learning_rate = config.learning_rate if learning_rate is None else learning_rate
     if not config.init_from or config.pretrained_lr_scale == 1.0:
         return keras.optimizers.Adam(learning_rate, clipnorm=config.clipnorm)
     embedding, first = models.first_layers(model)
