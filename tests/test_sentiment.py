@@ -133,6 +133,8 @@ def _config(**overrides):
     ({"batch_size": 0}, "--config.batch_size=0 is invalid"),
     ({"dropout": 1.5}, "--config.dropout=1.5 is invalid"),
     ({"lr_schedule": "linear"}, "--config.lr_schedule='linear' is invalid"),
+    ({"model": "cnn"}, "--config.model='cnn' is invalid"),
+    ({"model": "ngrams", "init_from": "runs/lm_imdb"}, "--config.init_from needs --config.model"),
     ({"text_feature": "body"}, "not features of 'imdb_reviews'"),
     ({"train_split": "train[:abc]"}, "bad split"),
 ])

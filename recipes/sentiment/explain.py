@@ -211,8 +211,8 @@ def explain(export_dir: str, texts: list[str], out: str) -> list[dict[str, Any]]
     loaded = tf.saved_model.load(str(exported))
     if "explain" not in loaded.signatures:
         raise RecipeError(f"the export {exported} has no `explain` signature (an export of "
-                          "another recipe, or of an older version of this one); export the "
-                          "run again with this version")
+                          "another recipe, of --config.model=ngrams, which has no LSTM, or of "
+                          "an older version of this one; export that run again with this one)")
     serve = loaded.signatures["serving_default"]
     results = explanations(loaded.signatures["explain"],
                            lambda texts: serve(text=tf.constant(texts))["probability"].numpy(),

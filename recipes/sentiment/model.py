@@ -1,4 +1,5 @@
-"""Token ids → Embedding → stacked lstm_tf.Bidirectional(LSTM) → P(positive)."""
+"""Token ids → Embedding → stacked lstm_tf.Bidirectional(LSTM) → P(positive); or, with
+`config.model="ngrams"`, token ids → a logistic regression on their hashed n-grams."""
 
 from __future__ import annotations
 
@@ -39,14 +40,62 @@ class MaskedMeanMaxPooling(keras.layers.Layer):
         return (input_shape[0], 2 * input_shape[-1])
 
 
+@keras.saving.register_keras_serializable(package="recipes.sentiment")
+class HashedNgrams(keras.layers.Layer):
+    """`(batch, time)` token ids, 0 = padding → `(batch, 1)`: a linear score of the n-grams.
+
+    Every run of 1 to `ngrams` consecutive tokens (none of them padding) is hashed to one
+    of `buckets` weights (fastText's hashing trick: no n-gram vocabulary); the score is
+    the sum of its n-grams' weights divided by the square root of their number, plus a
+    bias (0 weights for a text with no tokens). Under a sigmoid: a logistic regression
+    on the text's n-gram counts.
+    """
+
+    PRIME = 1_000_003
+
+    def __init__(self, ngrams: int = 3, buckets: int = 2**20, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ngrams, self.buckets = ngrams, buckets
+
+    def build(self, input_shape: tuple) -> None:
+        self.table = self.add_weight(shape=(self.buckets,), initializer="zeros", name="table")
+        self.bias = self.add_weight(shape=(1,), initializer="zeros", name="bias")
+
+    def call(self, ids: Any) -> Any:
+        ids = ops.cast(ids, "int64")
+        time = ops.shape(ids)[1]
+        total = count = 0.0
+        for n in range(1, self.ngrams + 1):
+            hashed, real = ops.full_like(ids, n), ops.ones_like(ids, dtype="bool")
+            for k in range(n - 1, -1, -1):  # the n-gram ending at t: ids[t-n+1], ..., ids[t]
+                earlier = ops.pad(ids, [[0, 0], [k, 0]])[:, :time]  # ids[t-k], 0 before t=k
+                hashed = (hashed * self.PRIME + earlier) % self.buckets
+                real = ops.logical_and(real, earlier > 0)
+            weights = ops.cast(real, self.table.dtype)
+            total = total + ops.sum(ops.take(self.table, hashed) * weights, axis=1)
+            count = count + ops.sum(weights, axis=1)
+        return (total / ops.sqrt(ops.maximum(count, 1.0)))[:, None] + self.bias
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (input_shape[0], 1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "ngrams": self.ngrams, "buckets": self.buckets}
+
+
 def create_model(config: Any, batch_size: int | None = None,
                  mask_zero: bool = True) -> keras.Model:
     """`(batch, time)` int ids, 0 = padding → `(batch, 1)` P(positive).
 
     `batch_size`: a fixed batch size (TFLite); `mask_zero=False`: the same model
     without a padding mask, for unpadded sequences (TFLite's fused LSTM op).
+    `config.model="ngrams"`: `HashedNgrams` under a sigmoid, no embedding or LSTM.
     """
     tokens = keras.Input(batch_shape=(batch_size, None), dtype="int64", name="tokens")
+    if config.model == "ngrams":
+        score = HashedNgrams(config.bag_ngrams, config.bag_buckets, name="ngrams")(tokens)
+        probability = keras.layers.Activation("sigmoid", name="probability")(score)
+        return keras.Model(tokens, probability, name="sentiment_ngrams")
     x = keras.layers.Embedding(config.vocab_size, config.embedding_dim,
                                mask_zero=mask_zero)(tokens)
     # Word dropout: drops whole token vectors (one draw per token, all features).

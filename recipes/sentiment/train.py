@@ -21,6 +21,9 @@ CONFIG_RULES = {
     "vocab_size": (lambda v: isinstance(v, int) and v > 2, "an integer > 2"),
     "max_length": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "bucket_width": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+    "model": (lambda v: v in ("bilstm", "ngrams"), "'bilstm' or 'ngrams'"),
+    "bag_ngrams": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
+    "bag_buckets": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "embedding_dim": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "lstm_units": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "num_layers": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
@@ -40,7 +43,8 @@ CONFIG_RULES = {
 def export(model: keras.Model, vectorizer: keras.layers.TextVectorization, config: Any,
            path: str) -> None:
     """SavedModel `serving_default`: `text` `[batch]` string → probability, label; and
-    `explain` (`explain.explain_function`): the gates of the first Bi-LSTM layer."""
+    `explain` (`explain.explain_function`): the gates of the first Bi-LSTM layer (not for
+    `config.model="ngrams"`, which has none)."""
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.track(vectorizer)
@@ -53,7 +57,8 @@ def export(model: keras.Model, vectorizer: keras.layers.TextVectorization, confi
                 "label": tf.cast(probability >= 0.5, tf.int32)}
 
     archive.add_endpoint("serving_default", serve)
-    archive.add_endpoint("explain", explain.explain_function(model, vectorizer, config))
+    if config.model == "bilstm":
+        archive.add_endpoint("explain", explain.explain_function(model, vectorizer, config))
     archive.write_out(path, verbose=False)
 
 
@@ -82,6 +87,9 @@ def train_and_evaluate(config: Any, workdir: str,
     """
     start = time.time()
     errors.check_config(config, CONFIG_RULES)
+    if config.init_from and config.model != "bilstm":
+        raise errors.RecipeError(f"--config.init_from needs --config.model=bilstm (a language "
+                                 f"model starts an LSTM; --config.model={config.model!r})")
     if config.init_backward_from and not config.init_from:
         raise errors.RecipeError("--config.init_backward_from needs --config.init_from (the "
                                  "forward language model, whose words and embedding it shares)")
@@ -123,8 +131,10 @@ def train_and_evaluate(config: Any, workdir: str,
         summaries.StepSummaries(logdir / "metrics", config.log_every_steps),
         summaries.GateHistograms(logdir / "gates", input_pipeline.to_ids(
             vectorizer, sample_texts, config.max_length)),
-        explain.ExplainImages(logdir / "explain", config.explain_texts, vectorizer, config),
     ]
+    if config.model == "bilstm":
+        callbacks.append(explain.ExplainImages(logdir / "explain", config.explain_texts,
+                                               vectorizer, config))
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
                         steps_per_epoch=steps_per_epoch, shuffle=False, callbacks=callbacks,
                         verbose=summaries.progress_verbosity())
