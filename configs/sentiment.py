@@ -49,11 +49,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.vocab_size = 10000  # 20000: 87.6 % test (90.0 % validation), more overfitting
     config.max_length = 500  # tokens kept from the start of each review
     config.bucket_width = 50  # batches hold reviews of similar length
-    # Model: "bilstm", or "ngrams": a logistic regression on the hashed token n-grams
-    # (1 to bag_ngrams tokens, bag_buckets weights; no embedding or LSTM: README, Results).
+    # Model: "bilstm"; "ngrams": a logistic regression on the hashed token n-grams (1 to
+    # bag_ngrams tokens, bag_buckets weights; no embedding or LSTM: README, Results); or
+    # "bilstm_ngrams": the two in one model, their scores added, the n-gram weights learning
+    # at ngrams_lr_scale x the learning rate.
     config.model = "bilstm"
     config.bag_ngrams = 3
     config.bag_buckets = 2**20
+    config.ngrams_lr_scale = 10.0
     config.embedding_dim = 128
     config.lstm_units = 64
     config.num_layers = 1

@@ -90,3 +90,37 @@ def test_ngrams_model_trains_exports_deploys_and_joins_an_ensemble(sentiment_run
     np.testing.assert_allclose(
         sentiment_deploy.predictor(str(tmp_path / "ensemble" / "export"))(TEXTS), mean,
         atol=1e-6)
+
+
+def test_bilstm_ngrams_model_explains_and_deploys_with_the_fused_op(tmp_path):
+    """`model="bilstm_ngrams"`: P = sigmoid(Bi-LSTM score + n-gram score); its export keeps the
+    `explain` signature, and its TFLite model has the fused LSTM op and the export's results."""
+    import keras
+    import tensorflow as tf
+
+    from configs import sentiment as sentiment_config
+    from recipes.sentiment import deploy as sentiment_deploy
+    from recipes.sentiment import train
+
+    config = sentiment_config.get_config("smoke")
+    config.model, config.epochs, config.bag_buckets = "bilstm_ngrams", 1, 4096
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    model = sentiment_deploy.token_model(config, tmp_path / "run")
+    ids = np.array([[5, 9, 31, 7, 0, 0], [12, 4, 8, 15, 16, 23]], np.int64)
+    ngrams = model.get_layer("ngrams")(ids).numpy()
+    assert np.abs(ngrams).max() > 1e-3  # the n-gram weights were trained
+    bilstm = keras.Model(model.input, model.get_layer("bilstm_score").output)(ids).numpy()
+    np.testing.assert_allclose(model(ids).numpy(), 1 / (1 + np.exp(-(bilstm + ngrams))),
+                               rtol=1e-5)
+
+    export = str(tmp_path / "run" / "export")
+    expected = sentiment_deploy.predictor(export)(TEXTS)
+    loaded = tf.saved_model.load(str(tmp_path / "run" / "export" / "1"))
+    explained = loaded.signatures["explain"](text=tf.constant(TEXTS))["probability"].numpy()
+    np.testing.assert_allclose(explained, expected, atol=1e-6)
+    (path,) = sentiment_deploy.export(str(tmp_path / "run"), ["tflite"]).values()
+    content = path.read_bytes()
+    assert "UNIDIRECTIONAL_SEQUENCE_LSTM" in deploy.tflite_ops(content)
+    assert not deploy.unwanted_ops(content)
+    np.testing.assert_allclose(sentiment_deploy.predictor(str(path))(TEXTS), expected,
+                               atol=1e-4)

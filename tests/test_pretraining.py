@@ -271,16 +271,19 @@ def test_init_backward_from_a_language_model_that_does_not_fit(lm_imdb_run, lm_i
         pretrained.initialize(models.create_model(config), config, vocab)
 
 
-@pytest.mark.parametrize("backward, schedule", [
-    (False, "constant"), (True, "constant"), (False, "cosine")])
+@pytest.mark.parametrize("backward, schedule, model", [
+    (False, "constant", "bilstm"), (True, "constant", "bilstm"), (False, "cosine", "bilstm"),
+    (False, "constant", "bilstm_ngrams")])
 def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run, lm_imdb_backward_run,
-                                                          backward, schedule):
+                                                          backward, schedule, model):
     """`pretrained_lr_scale`: Adam's step on the language models' weights (embedding,
     forward LSTM; the backward LSTM with `init_backward_from`) is that fraction of plain Keras
-    Adam's on the same batch; the other weights take plain Adam's step. With
+    Adam's on the same batch; the other weights take plain Adam's step, but for the n-gram
+    weights of `model="bilstm_ngrams"`, which take `ngrams_lr_scale` times it. With
     `lr_schedule="cosine"`, at step t of T the rate is lr * (1 + cos(pi t / T)) / 2."""
     config = _sentiment_config(lm_imdb_run, pretrained_lr_scale=0.25, dropout=0.0,
-                               word_dropout=0.0, lr_schedule=schedule,
+                               word_dropout=0.0, lr_schedule=schedule, model=model,
+                               bag_buckets=4096, ngrams_lr_scale=3.0,
                                init_backward_from=str(lm_imdb_backward_run) if backward else "")
     steps_per_epoch, t = 10, 7  # T = epochs * steps_per_epoch = 20
     rate = config.learning_rate * (
@@ -291,27 +294,31 @@ def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run, lm_imdb_b
     labels = np.arange(8, dtype=np.float32).reshape(8, 1) % 2
     steps, start = {}, None
     for name in ("scaled", "plain"):
-        model = models.create_model(config)
-        pretrained.initialize(model, config, vocab)
-        start = start or model.get_weights()  # (the backward LSTM's random start too)
-        model.set_weights(start)
-        optimizer = pretrained.optimizer(
-            model, config, train.learning_rate(config, steps_per_epoch)) if name == "scaled" else (
-            keras.optimizers.Adam(rate, clipnorm=config.clipnorm))
-        optimizer.build(model.trainable_variables)
+        network = models.create_model(config)
+        pretrained.initialize(network, config, vocab)
+        start = start or network.get_weights()  # (the backward LSTM's random start too)
+        network.set_weights(start)
+        optimizer = (
+            pretrained.optimizer(network, config, train.learning_rate(config, steps_per_epoch))
+            if name == "scaled" else keras.optimizers.Adam(rate, clipnorm=config.clipnorm))
+        optimizer.build(network.trainable_variables)
         optimizer.iterations.assign(t)  # (Adam's bias correction: step t + 1 for both)
-        model.compile(optimizer=optimizer, loss="binary_crossentropy")
-        model.train_on_batch(ids, labels)
-        steps[name] = [v.numpy() - w for v, w in zip(model.weights, start, strict=True)]
-        embedding, bidirectional = models.first_layers(model)
+        network.compile(optimizer=optimizer, loss="binary_crossentropy")
+        network.train_on_batch(ids, labels)
+        steps[name] = [v.numpy() - w for v, w in zip(network.weights, start, strict=True)]
+        embedding, bidirectional = models.first_layers(network)
         scaled = {w.path for w in embedding.weights + bidirectional.forward_layer.weights + (
             bidirectional.backward_layer.weights if backward else [])}
-        factors = [0.25 if v.path in scaled else 1.0 for v in model.weights]
-    assert factors.count(0.25) == (7 if backward else 4) and len(factors) == 9
+        ngrams = {w.path for w in network.weights if w.path.startswith("ngrams/")}
+        factors = [0.25 if v.path in scaled else 3.0 if v.path in ngrams else 1.0
+                   for v in network.weights]
+    assert factors.count(0.25) == (7 if backward else 4)
+    assert factors.count(3.0) == (2 if model == "bilstm_ngrams" else 0)  # table, bias
+    assert len(factors) == (11 if model == "bilstm_ngrams" else 9)
     for k, (ours, step) in enumerate(zip(steps["scaled"], steps["plain"], strict=True)):
-        assert np.abs(step).max() > 0, model.weights[k].path
+        assert np.abs(step).max() > 0, network.weights[k].path
         np.testing.assert_allclose(ours, factors[k] * step, rtol=1e-4, atol=1e-7,
-                                   err_msg=model.weights[k].path)
+                                   err_msg=network.weights[k].path)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -134,7 +134,7 @@ def _config(**overrides):
     ({"dropout": 1.5}, "--config.dropout=1.5 is invalid"),
     ({"lr_schedule": "linear"}, "--config.lr_schedule='linear' is invalid"),
     ({"model": "cnn"}, "--config.model='cnn' is invalid"),
-    ({"model": "ngrams", "init_from": "runs/lm_imdb"}, "--config.init_from needs --config.model"),
+    ({"model": "ngrams", "init_from": "runs/lm_imdb"}, "--config.init_from needs an LSTM"),
     ({"text_feature": "body"}, "not features of 'imdb_reviews'"),
     ({"train_split": "train[:abc]"}, "bad split"),
 ])

@@ -1,5 +1,6 @@
 """Token ids → Embedding → stacked lstm_tf.Bidirectional(LSTM) → P(positive); or, with
-`config.model="ngrams"`, token ids → a logistic regression on their hashed n-grams."""
+`config.model="ngrams"`, token ids → a logistic regression on their hashed n-grams (with
+`"bilstm_ngrams"`, both: their scores added)."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def create_model(config: Any, batch_size: int | None = None,
 
     `batch_size`: a fixed batch size (TFLite); `mask_zero=False`: the same model
     without a padding mask, for unpadded sequences (TFLite's fused LSTM op).
-    `config.model="ngrams"`: `HashedNgrams` under a sigmoid, no embedding or LSTM.
+    `config.model="ngrams"`: `HashedNgrams` under a sigmoid, no embedding or LSTM;
+    `"bilstm_ngrams"`: the Bi-LSTM's score (before its sigmoid) plus `HashedNgrams`'.
     """
     tokens = keras.Input(batch_shape=(batch_size, None), dtype="int64", name="tokens")
     if config.model == "ngrams":
@@ -106,6 +108,12 @@ def create_model(config: Any, batch_size: int | None = None,
             config.lstm_units, return_sequences=True, dropout=config.lstm_dropout))(x)
     x = MaskedMeanMaxPooling()(x)
     x = keras.layers.Dropout(config.dropout)(x)
+    if config.model == "bilstm_ngrams":  # the Bi-LSTM's score plus the n-grams'
+        score = keras.layers.Add(name="score")([
+            keras.layers.Dense(1, name="bilstm_score")(x),
+            HashedNgrams(config.bag_ngrams, config.bag_buckets, name="ngrams")(tokens)])
+        probability = keras.layers.Activation("sigmoid", name="probability")(score)
+        return keras.Model(tokens, probability, name="sentiment_bilstm_ngrams")
     probability = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
     return keras.Model(tokens, probability, name="sentiment_bilstm")
 

@@ -68,45 +68,50 @@ def vocabulary(lm_vocab: list[str], vocab_size: int) -> list[str]:
 
 @keras.saving.register_keras_serializable(package="recipes.sentiment")
 class DiscriminativeAdam(keras.optimizers.Adam):
-    """Adam at `scale * learning_rate` for the variables whose `path` is in `scaled`.
+    """Adam at `factor * learning_rate` for the variables whose `path` is in `scales`.
 
     Args:
-        scaled: the `path`s of the variables that get `scale * learning_rate`.
-        scale: their learning rate's factor (1: plain Adam).
+        scales: `{path: factor}`; the other variables get the learning rate itself.
         **kwargs: `keras.optimizers.Adam`'s arguments.
     """
 
-    def __init__(self, scaled: tuple[str, ...] = (), scale: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, scales: dict[str, float] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.scaled, self.scale = tuple(scaled), scale
+        self.scales = dict(scales or {})
 
     def build(self, variables: list[keras.Variable]) -> None:
         super().build(variables)
         # (update_step gets the backend's variables, without `path`: index them as Adam does)
-        self.factors = [self.scale if v.path in self.scaled else 1.0 for v in variables]
+        self.factors = [self.scales.get(v.path, 1.0) for v in variables]
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         factor = self.factors[self._get_variable_index(variable)]
         super().update_step(gradient, variable, learning_rate * factor)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "scaled": list(self.scaled), "scale": self.scale}
+        return {**super().get_config(), "scales": self.scales}
 
 
 def optimizer(model: keras.Model, config: Any,
               learning_rate: float | LearningRateSchedule) -> keras.optimizers.Optimizer:
     """Adam at `learning_rate` (`train.learning_rate`); with `config.init_from`, the weights
     the language models give (embedding, first forward LSTM; the backward one with
-    `config.init_backward_from`) at `config.pretrained_lr_scale` times that rate."""
-    if not config.init_from or config.pretrained_lr_scale == 1.0:
+    `config.init_backward_from`) at `config.pretrained_lr_scale` times that rate; with
+    `config.model="bilstm_ngrams"`, the n-gram weights at `config.ngrams_lr_scale` times it."""
+    scales = {}
+    if config.init_from and config.pretrained_lr_scale != 1.0:
+        embedding, first = models.first_layers(model)
+        pretrained = [embedding, first.forward_layer]
+        if config.init_backward_from:
+            pretrained.append(first.backward_layer)
+        scales.update({v.path: config.pretrained_lr_scale
+                       for layer in pretrained for v in layer.weights})
+    if config.model == "bilstm_ngrams" and config.ngrams_lr_scale != 1.0:
+        scales.update({v.path: config.ngrams_lr_scale
+                       for v in model.get_layer("ngrams").weights})
+    if not scales:
         return keras.optimizers.Adam(learning_rate, clipnorm=config.clipnorm)
-    embedding, first = models.first_layers(model)
-    pretrained = [embedding, first.forward_layer]
-    if config.init_backward_from:
-        pretrained.append(first.backward_layer)
-    scaled = [v.path for layer in pretrained for v in layer.weights]
-    return DiscriminativeAdam(scaled, config.pretrained_lr_scale,
-                              learning_rate=learning_rate, clipnorm=config.clipnorm)
+    return DiscriminativeAdam(scales, learning_rate=learning_rate, clipnorm=config.clipnorm)
 
 
 def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:

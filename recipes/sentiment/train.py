@@ -21,7 +21,8 @@ CONFIG_RULES = {
     "vocab_size": (lambda v: isinstance(v, int) and v > 2, "an integer > 2"),
     "max_length": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "bucket_width": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
-    "model": (lambda v: v in ("bilstm", "ngrams"), "'bilstm' or 'ngrams'"),
+    "model": (lambda v: v in ("bilstm", "ngrams", "bilstm_ngrams"),
+              "'bilstm', 'ngrams' or 'bilstm_ngrams'"),
     "bag_ngrams": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "bag_buckets": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "embedding_dim": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
@@ -36,6 +37,7 @@ CONFIG_RULES = {
     "lr_schedule": (lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
     "clipnorm": (lambda v: v > 0, "positive"),
     "pretrained_lr_scale": (lambda v: v > 0, "positive"),
+    "ngrams_lr_scale": (lambda v: v > 0, "positive"),
     "shuffle_buffer": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
 }
 
@@ -57,7 +59,7 @@ def export(model: keras.Model, vectorizer: keras.layers.TextVectorization, confi
                 "label": tf.cast(probability >= 0.5, tf.int32)}
 
     archive.add_endpoint("serving_default", serve)
-    if config.model == "bilstm":
+    if config.model != "ngrams":
         archive.add_endpoint("explain", explain.explain_function(model, vectorizer, config))
     archive.write_out(path, verbose=False)
 
@@ -87,9 +89,9 @@ def train_and_evaluate(config: Any, workdir: str,
     """
     start = time.time()
     errors.check_config(config, CONFIG_RULES)
-    if config.init_from and config.model != "bilstm":
-        raise errors.RecipeError(f"--config.init_from needs --config.model=bilstm (a language "
-                                 f"model starts an LSTM; --config.model={config.model!r})")
+    if config.init_from and config.model == "ngrams":
+        raise errors.RecipeError("--config.init_from needs an LSTM: --config.model=bilstm or "
+                                 "bilstm_ngrams (--config.model='ngrams' has none)")
     if config.init_backward_from and not config.init_from:
         raise errors.RecipeError("--config.init_backward_from needs --config.init_from (the "
                                  "forward language model, whose words and embedding it shares)")
@@ -132,7 +134,7 @@ def train_and_evaluate(config: Any, workdir: str,
         summaries.GateHistograms(logdir / "gates", input_pipeline.to_ids(
             vectorizer, sample_texts, config.max_length)),
     ]
-    if config.model == "bilstm":
+    if config.model != "ngrams":
         callbacks.append(explain.ExplainImages(logdir / "explain", config.explain_texts,
                                                vectorizer, config))
     history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
