@@ -1,4 +1,5 @@
-"""The sentiment recipe's `--config.model=ngrams`: a logistic regression on hashed n-grams.
+"""The sentiment recipe's n-gram models: `--config.model=ngrams`, a logistic regression on
+hashed n-grams, and `bilstm_ngrams`, that score added to the Bi-LSTM's.
 
 References: the n-grams of each text enumerated in plain Python (integers without
 overflow) and summed by hand; the count formula Σ_n max(L − n + 1, 0); the run's own
