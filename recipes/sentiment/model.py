@@ -65,13 +65,14 @@ class HashedNgrams(keras.layers.Layer):
     def call(self, ids: Any) -> Any:
         ids = ops.cast(ids, "int64")
         time = ops.shape(ids)[1]
+        # earlier[k][:, t] = ids[:, t-k], 0 before t=k
+        earlier = [ops.pad(ids, [[0, 0], [k, 0]])[:, :time] for k in range(self.ngrams)]
         total = count = 0.0
         for n in range(1, self.ngrams + 1):
             hashed, real = ops.full_like(ids, n), ops.ones_like(ids, dtype="bool")
             for k in range(n - 1, -1, -1):  # the n-gram ending at t: ids[t-n+1], ..., ids[t]
-                earlier = ops.pad(ids, [[0, 0], [k, 0]])[:, :time]  # ids[t-k], 0 before t=k
-                hashed = (hashed * self.PRIME + earlier) % self.buckets
-                real = ops.logical_and(real, earlier > 0)
+                hashed = (hashed * self.PRIME + earlier[k]) % self.buckets
+                real = ops.logical_and(real, earlier[k] > 0)
             weights = ops.cast(real, self.table.dtype)
             total = total + ops.sum(ops.take(self.table, hashed) * weights, axis=1)
             count = count + ops.sum(weights, axis=1)
