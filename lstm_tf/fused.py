@@ -21,6 +21,10 @@ What it does to be fast on a CPU (the speed it reaches against `keras.layers.LST
   reads each sequence reversed up to its length (`tf.reverse_sequence`).
 * A `Bidirectional`'s two directions are two independent loops in one graph,
   which TensorFlow runs concurrently.
+* For a classifier that mean- and max-pools an LSTM's outputs,
+  `pooled_inference` pools inside the loop (no per-step outputs at all), from
+  x_t·W + b computed by the caller (e.g. looked up in a table folded from an
+  embedding: `recipes/sentiment/serving.py`).
 """
 
 from __future__ import annotations
@@ -156,6 +160,51 @@ def _infer(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
     return tf.transpose(hs, [1, 0, 2]), c_last
 
 
+def pooled_inference(xw: tf.Tensor, lengths: tf.Tensor,
+                     recurrent_kernel: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    """Σ h_t and max h_t over the real steps of one LSTM, at inference, no outputs kept.
+
+    For a classifier that pools an LSTM's outputs over time (mean and max): one
+    XLA-compiled loop that accumulates both as it goes, so that nothing is
+    written per step, and that starts from a precomputed x_t·W + b (e.g. an
+    embedding table folded into the input projection: a lookup per token).
+    Sequences are right-padded (real steps first), so the steps past a
+    sequence's length, which the loop runs too, come after all of its real
+    ones and change nothing; the initial state is zeros. (Mean and max do not
+    depend on the order of the steps: for a backward LSTM, pass each sequence
+    reversed up to its length, `tf.reverse_sequence`.)
+
+    Args:
+        xw: `[T, B, 4M]` x_t·W + b for every step in the order read
+            (time-major; gate order i, f, c, o).
+        lengths: `[B]` int32, the real steps of each sequence.
+        recurrent_kernel: `[M, 4M]`.
+
+    Returns:
+        `(total, peak)`, `[B, M]` each: Σ h_t over the real steps (0 for none)
+        and max h_t over them (-inf for none).
+    """
+    return _compiled(recurrent_kernel.shape[0]).pool(
+        *_unwatched(xw, tf.cast(lengths, tf.int32), recurrent_kernel))
+
+
+def _pool(xw: tf.Tensor, lengths: tf.Tensor, recurrent_kernel: tf.Tensor) -> tuple:
+    """`pooled_inference`'s compiled body."""
+    zeros = tf.zeros([tf.shape(xw)[1], recurrent_kernel.shape[0]], xw.dtype)
+    no_bias = tf.zeros(recurrent_kernel.shape[1:], xw.dtype)  # (it is in xw)
+
+    def body(t, h, c, total, peak):
+        h, c, _ = _step(xw[t], h, c, recurrent_kernel, no_bias)
+        real = (t < lengths)[:, None]
+        return (t + 1, h, c, total + tf.where(real, h, 0.0),
+                tf.maximum(peak, tf.where(real, h, float("-inf"))))
+
+    steps = tf.minimum(tf.reduce_max(lengths), tf.shape(xw)[0])
+    _, _, _, total, peak = tf.while_loop(
+        lambda t, *_: t < steps, body, [0, zeros, zeros, zeros, zeros - float("inf")])
+    return total, peak
+
+
 def _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel) -> tuple:
     """Gradients `(dxw, None, dh0, dc0, d_recurrent_kernel, d_bias)` of `recurrence`."""
     dz, dh0, dc0, d_bias = _compiled(h0.shape[-1]).backward(
@@ -186,6 +235,7 @@ class _Compiled:
         self.infer = jit(functools.partial(_infer, final_cell=False))
         self.infer_final_cell = jit(functools.partial(_infer, final_cell=True))
         self.backward = jit(_backward)
+        self.pool = jit(_pool)
 
 
 @functools.cache
