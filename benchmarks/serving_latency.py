@@ -8,8 +8,11 @@ Requests are real IMDB test reviews of at least 230 tokens, cut to their first 2
 token ids (the recipe's tokenizer), one review (batch 1) or 32 (batch 32) per request.
 Contenders, all with the run's trained weights:
 
-* `lstm_tf SavedModel`: the recipe's model on token ids, `model.export`, served by
-  `tf.saved_model.load` (and `... (text in)`: the recipe's own export, tokenization included);
+* `lstm_tf SavedModel`: the recipe's serving computation on token ids
+  (`recipes.sentiment.serving`: the embedding folded into the input projections, each
+  direction one loop that pools as it goes), exported, served by `tf.saved_model.load`;
+  `... (text in)`: the recipe's own export, tokenization included; `... (model.export)`:
+  the Keras model itself, `model.export` (our layers' own inference path, nothing folded);
 * `keras.layers SavedModel`: the same architecture built from `keras.layers`
   (`Bidirectional(LSTM)`), same weights, `model.export`;
 * `TFLite float` / `TFLite int8`: `WORKDIR/deploy/*.tflite` in LiteRT (default delegates),
@@ -20,8 +23,9 @@ Contenders, all with the run's trained weights:
 
 Every float contender's probabilities are checked against the SavedModel's before timing
 (1e-4; int8's largest difference is reported, its accuracy measured by `evaluate`).
-Requests go round-robin over the contenders (who goes first rotates), so that machine noise
-hits all alike; the table gives p50 and p95 in milliseconds.
+Contenders run in blocks of requests, in 5 rounds, a new random order of contenders each round
+(`measure`: machine noise hits all alike, and the threads a runtime leaves spinning after a call
+slow only the next block's untimed warm-up); the table gives p50 and p95 in milliseconds.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import tensorflow as tf  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from recipes.common import deploy, exports  # noqa: E402
 from recipes.sentiment import deploy as sentiment_deploy  # noqa: E402
-from recipes.sentiment import input_pipeline  # noqa: E402
+from recipes.sentiment import input_pipeline, serving  # noqa: E402
 from recipes.sentiment import model as models  # noqa: E402
 from recipes.sentiment.tokenizer import Tokenizer  # noqa: E402
 
@@ -98,6 +102,19 @@ def saved_model(model: keras.Model, directory: str) -> Callable[[np.ndarray], np
     return lambda ids: loaded.serve(tf.constant(ids)).numpy().reshape(-1)
 
 
+def serving_saved_model(model: keras.Model, config: ml_collections.ConfigDict,
+                        directory: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The recipe's serving computation on token ids, exported and loaded like `saved_model`."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    probability = serving.probability_function(model, config)
+    archive.add_endpoint("serve", tf.function(
+        probability, input_signature=[tf.TensorSpec([None, None], tf.int64)]))
+    archive.write_out(directory, verbose=False)
+    loaded = tf.saved_model.load(directory)
+    return lambda ids: loaded.serve(tf.constant(ids)).numpy()
+
+
 def torch_model(config: ml_collections.ConfigDict, weights: list) -> torch.nn.Module:
     """Embedding → nn.LSTM(bidirectional) → mean+max pooling → Linear → sigmoid, mapped weights.
 
@@ -145,9 +162,10 @@ def contenders(workdir: pathlib.Path, config: ml_collections.ConfigDict, scratch
     weights = ours.get_weights()
     text_in = tf.saved_model.load(str(exports.latest_export(str(workdir / "export"))))
     found = {
-        "lstm_tf SavedModel": saved_model(ours, os.path.join(scratch, "ours")),
+        "lstm_tf SavedModel": serving_saved_model(ours, config, os.path.join(scratch, "ours")),
         "lstm_tf SavedModel (text in)": lambda ids: text_in.signatures["serving_default"](
             text=tf.constant([texts[tuple(row)] for row in ids]))["probability"].numpy(),
+        "lstm_tf SavedModel (model.export)": saved_model(ours, os.path.join(scratch, "plain")),
         "keras.layers SavedModel": saved_model(keras_built(config, weights),
                                                os.path.join(scratch, "keras")),
     }
@@ -196,41 +214,28 @@ def check(found: dict[str, Callable], sample: np.ndarray) -> dict[str, float]:
 
 
 def measure(found: dict[str, Callable], data: np.ndarray, batch: int, requests: int,
-            warmup: int = 3) -> dict[str, list[float]]:
-    """Milliseconds per request for each contender, round-robin, the first rotating."""
+            rounds: int = 5, warmup: int = 2) -> dict[str, list[float]]:
+    """Milliseconds per request for each contender: `rounds` rounds, in each a block of
+    `requests / rounds` timed requests per contender (after `warmup` untimed ones), the
+    contenders in a new random order each round.
+
+    (Blocks, not one request each in turn: a runtime's threads spin on for a while after a
+    call, as torch's OpenMP and onnxruntime's pools do, and slow whoever runs next; in a
+    block only the untimed warm-up requests pay for that. Rounds spread machine noise.)
+    """
     names = list(found)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(warmup + requests):
-        rows = np.take(data, range(r * batch, (r + 1) * batch), axis=0, mode="wrap")
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
-            found[name](rows)
-            if r >= warmup:
-                times[name].append(1000 * (time.perf_counter() - start))
+    order = np.random.default_rng(0)
+    for round_ in range(rounds):
+        for name in order.permutation(names):
+            for r in range(warmup + requests // rounds):
+                first = (round_ * (requests // rounds) + r) * batch
+                rows = np.take(data, range(first, first + batch), axis=0, mode="wrap")
+                start = time.perf_counter()
+                found[name](rows)
+                if r >= warmup:
+                    times[name].append(1000 * (time.perf_counter() - start))
     return times
-
-
-def matmul_floor(config: ml_collections.ConfigDict, batch: int, repeats: int = 30) -> float:
-    """p50 ms of the model's matrix products alone at `batch` (XLA, random values, no gates,
-    no pooling): both directions' input projections as one product, then the 2·230 recurrent
-    products one after another. What any LSTM implementation on this CPU has to do."""
-    e, u = config.embedding_dim, config.lstm_units
-    x, w = tf.random.normal([batch * LENGTH, e]), tf.random.normal([e, 8 * u])
-    h, r = tf.random.normal([batch, u]), tf.random.normal([u, 4 * u])
-
-    @tf.function(jit_compile=True)
-    def products(x: tf.Tensor, w: tf.Tensor, h: tf.Tensor, r: tf.Tensor) -> tf.Tensor:
-        projected = tf.matmul(x, w)
-        _, h = tf.while_loop(lambda i, h: i < 2 * LENGTH,
-                             lambda i, h: (i + 1, tf.matmul(h, r)[:, :u] * 0.5), (0, h))
-        return projected[0, 0] + h[0, 0]
-
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        products(x, w, h, r).numpy()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times[1:])
 
 
 def p95(values: list[float]) -> float:
@@ -275,10 +280,6 @@ def main() -> None:
                       f"{keras_p50[batch] / p50:.2f}x"]
         table[name]["max_difference"] = differences[name]
         print(f"| {name} | " + " | ".join(cells) + f" | {differences[name]:.1e} |")
-    floor = matmul_floor(config, 32)
-    table["matrix products alone, batch 32"] = {"p50": floor}
-    print(f"\nBatch 32, the matrix products alone (XLA, no gates): {floor:.2f} ms p50; the "
-          f"keras.layers SavedModel / 3 = {keras_p50[32] / 3:.2f} ms")
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(table, indent=2) + "\n")
 
