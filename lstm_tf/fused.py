@@ -93,8 +93,7 @@ def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
         state after each sequence's last real step (C_0 without `final_cell`).
     """
     steps = tf.shape(x)[1]
-    padded = tf.maximum((steps + TIME_BUCKET - 1) // TIME_BUCKET, 1) * TIME_BUCKET
-    x = tf.pad(x, [[0, 0], [0, padded - steps], [0, 0]])
+    x = tf.pad(x, [[0, 0], [0, _bucketed(steps) - steps], [0, 0]])
     hs, c = _INFERENCE[final_cell](x, kernel, lengths, h0, c0, recurrent_kernel, bias, steps)
     # h after each sequence's last real step (h_0 for an empty one); `hs` has steps.
     h = tf.gather(hs, tf.maximum(lengths - 1, 0), axis=1, batch_dims=1)
@@ -102,6 +101,11 @@ def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
 
 
 TIME_BUCKET = 32  # inference compiles once per batch size and 32 steps of length
+
+
+def _bucketed(steps: tf.Tensor) -> tf.Tensor:
+    """`steps` rounded up to a positive multiple of `TIME_BUCKET`."""
+    return tf.maximum((steps + TIME_BUCKET - 1) // TIME_BUCKET, 1) * TIME_BUCKET
 
 
 def _differentiable_inference(final_cell: bool) -> Any:
@@ -172,7 +176,9 @@ def pooled_inference(xw: tf.Tensor, lengths: tf.Tensor,
     sequence's length, which the loop runs too, come after all of its real
     ones and change nothing; the initial state is zeros. (Mean and max do not
     depend on the order of the steps: for a backward LSTM, pass each sequence
-    reversed up to its length, `tf.reverse_sequence`.)
+    reversed up to its length, `tf.reverse_sequence`.) As for `inference`, the
+    time axis is padded to a multiple of `TIME_BUCKET` steps, so that any
+    length reuses a few compilations (nothing is copied if it is one already).
 
     Args:
         xw: `[T, B, 4M]` x_t·W + b for every step in the order read
@@ -184,6 +190,8 @@ def pooled_inference(xw: tf.Tensor, lengths: tf.Tensor,
         `(total, peak)`, `[B, M]` each: Σ h_t over the real steps (0 for none)
         and max h_t over them (-inf for none).
     """
+    steps = tf.shape(xw)[0]
+    xw = tf.pad(xw, [[0, _bucketed(steps) - steps], [0, 0], [0, 0]])
     return _compiled(recurrent_kernel.shape[0]).pool(
         *_unwatched(xw, tf.cast(lengths, tf.int32), recurrent_kernel))
 
