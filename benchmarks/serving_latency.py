@@ -226,10 +226,11 @@ def measure(found: dict[str, Callable], data: np.ndarray, batch: int, requests: 
     names = list(found)
     times: dict[str, list[float]] = {name: [] for name in names}
     order = np.random.default_rng(0)
+    per_round = max(requests // rounds, 1)
     for round_ in range(rounds):
         for name in order.permutation(names):
-            for r in range(warmup + requests // rounds):
-                first = (round_ * (requests // rounds) + r) * batch
+            for r in range(warmup + per_round):
+                first = (round_ * per_round + r) * batch
                 rows = np.take(data, range(first, first + batch), axis=0, mode="wrap")
                 start = time.perf_counter()
                 found[name](rows)

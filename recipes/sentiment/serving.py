@@ -31,7 +31,10 @@ from recipes.sentiment import model as models
 
 def probability_function(model: keras.Model, config: Any) -> Callable[[tf.Tensor], tf.Tensor]:
     """`probability(ids)`: int64 `[batch, time]` token ids (0 = padding) → float32 `[batch]`
-    P(positive), equal to `model(ids)[:, 0]` to float rounding."""
+    P(positive), equal to `model(ids)[:, 0]` to float rounding.
+
+    The folded tables are a snapshot of the model's weights: build this after training.
+    """
     if config.model == "ngrams" or config.num_layers != 1:
         return lambda ids: model(ids, training=False)[:, 0]
     embedding, bidirectional = models.first_layers(model)
@@ -44,8 +47,8 @@ def probability_function(model: keras.Model, config: Any) -> Callable[[tf.Tensor
                               name=f"{layer.name}_input_projections") for layer in directions]
         projections = [lambda ids, table=table: tf.gather(table, ids) for table in tables]
     else:
-        projections = [lambda ids, cell=layer.cell: tf.matmul(
-            tf.gather(embedding.embeddings, ids), cell.kernel) + cell.bias for layer in directions]
+        projections = [lambda ids, cell=layer.cell: _projection(ids, embedding.embeddings, cell)
+                       for layer in directions]
     if config.model == "bilstm":
         head, ngrams = model.get_layer("probability"), None
     else:  # the Bi-LSTM's score plus the n-grams', under a sigmoid
@@ -76,3 +79,10 @@ def probability_function(model: keras.Model, config: Any) -> Callable[[tf.Tensor
                        lambda: model(ids, training=False)[:, 0])
 
     return probability
+
+
+def _projection(ids: tf.Tensor, embeddings: Any, cell: Any) -> tf.Tensor:
+    """x_t·W + b of `ids` (any shape) through the embedding, as one 2-D matmul."""
+    x = tf.reshape(tf.gather(embeddings, ids), [-1, embeddings.shape[-1]])
+    xw = tf.matmul(x, cell.kernel) + cell.bias
+    return tf.reshape(xw, tf.concat([tf.shape(ids), tf.shape(xw)[-1:]], 0))
