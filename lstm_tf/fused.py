@@ -204,12 +204,11 @@ def _pool(xw: tf.Tensor, lengths: tf.Tensor, recurrent_kernel: tf.Tensor) -> tup
     def body(t, h, c, total, peak):
         h, c, _ = _step(xw[t], h, c, recurrent_kernel, no_bias)
         real = (t < lengths)[:, None]
-        return (t + 1, h, c, total + tf.where(real, h, 0.0),
-                tf.maximum(peak, tf.where(real, h, float("-inf"))))
+        return (h, c, total + tf.where(real, h, 0.0),
+                tf.maximum(peak, tf.where(real, h, float("-inf")))), ()
 
     steps = tf.minimum(tf.reduce_max(lengths), tf.shape(xw)[0])
-    _, _, _, total, peak = tf.while_loop(
-        lambda t, *_: t < steps, body, [0, zeros, zeros, zeros, zeros - float("inf")])
+    (_, _, total, peak), _ = _loop(steps, body, [zeros, zeros, zeros, zeros - float("inf")], [])
     return total, peak
 
 

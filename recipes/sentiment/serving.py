@@ -35,12 +35,15 @@ def probability_function(model: keras.Model, config: Any) -> Callable[[tf.Tensor
 
     The folded tables are a snapshot of the model's weights: build this after training.
     """
+    def by_model(ids: tf.Tensor) -> tf.Tensor:
+        return model(ids, training=False)[:, 0]
+
     if config.model == "ngrams" or config.num_layers != 1:
-        return lambda ids: model(ids, training=False)[:, 0]
+        return by_model
     embedding, bidirectional = models.first_layers(model)
     directions = (bidirectional.forward_layer, bidirectional.backward_layer)
     if not all(layer.can_fuse(training=False) for layer in directions):
-        return lambda ids: model(ids, training=False)[:, 0]
+        return by_model
     if config.fold_embedding:  # x_t·W + b of every vocabulary entry, per direction
         tables = [tf.Variable(tf.matmul(embedding.embeddings, layer.cell.kernel)
                               + layer.cell.bias, trainable=False,
@@ -75,8 +78,7 @@ def probability_function(model: keras.Model, config: Any) -> Callable[[tf.Tensor
 
     def probability(ids: tf.Tensor) -> tf.Tensor:
         lengths, right_padded = fused.right_padded_lengths(tf.not_equal(ids, 0))
-        return tf.cond(right_padded, lambda: fast(ids, lengths),
-                       lambda: model(ids, training=False)[:, 0])
+        return tf.cond(right_padded, lambda: fast(ids, lengths), lambda: by_model(ids))
 
     return probability
 
