@@ -52,7 +52,10 @@ def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
         `(H, h, C)`: H `[T, B, M]` h_t after every step; h, C `[B, M]` the state
         after each sequence's last real step (the initial state for length 0).
     """
-    return _recurrence_keeping_gates(xw, lengths, h0, c0, recurrent_kernel, bias)
+    steps = tf.shape(xw)[0]
+    xw = tf.pad(xw, [[0, _bucketed(steps) - steps], [0, 0], [0, 0]])
+    hs, h, c = _bucketed_recurrence(xw, steps, lengths, h0, c0, recurrent_kernel, bias)
+    return hs[:steps], h, c
 
 
 # (The compiled functions are called on `tf.stop_gradient`-ed inputs: a
@@ -60,14 +63,38 @@ def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
 # which it cannot do through XLA's while loops; `tf.custom_gradient` supplies
 # the gradient instead.)
 @tf.custom_gradient
-def _recurrence_keeping_gates(xw, lengths, h0, c0, recurrent_kernel, bias):
-    hs, h, c, cs, gates = _compiled(h0.shape[-1]).forward_keeping_gates(
-        *_unwatched(xw, lengths, h0, c0, recurrent_kernel, bias))
+def _bucketed_recurrence(xw, steps, lengths, h0, c0, recurrent_kernel, bias):
+    """`recurrence` on `xw` padded to a multiple of `TIME_BUCKET` steps, `steps` of them real.
+
+    (One compilation per bucket of lengths: XLA compiles for each shape, and a
+    training set's batches come in many lengths. The loops stop at `steps`.)
+    """
+    compiled = _compiled(h0.shape[-1])
+    hs, cs, gates = compiled.forward(*_unwatched(xw, steps, h0, c0, recurrent_kernel, bias))
+    h, c = (final_state(s, lengths, s0) for s, s0 in ((hs, h0), (cs, c0)))
 
     def grad(d_hs, d_h, d_c):
-        return _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel)
+        dz, dh0, dc0, d_bias = compiled.backward(
+            d_hs, d_h, d_c, steps, lengths, cs, gates, c0, recurrent_kernel)
+        # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
+        # MatMul measured faster for it).
+        m = h0.shape[-1]
+        h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
+        d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
+        # Hand dz on (to the gradients of x and W) only after that matmul: run at
+        # the same time, the matmuls compete for the same cores.
+        with tf.control_dependencies([d_kernel]):
+            dz = tf.identity(dz)
+        return dz, None, None, dh0, dc0, d_kernel, d_bias
 
     return (hs, h, c), grad
+
+
+def final_state(states: tf.Tensor, lengths: tf.Tensor, initial: tf.Tensor) -> tf.Tensor:
+    """`[B, M]`: `states` `[T, B, M]` after each sequence's last real step (`initial` for none)."""
+    last = tf.gather(tf.transpose(states, [1, 0, 2]), tf.maximum(lengths - 1, 0),
+                     axis=1, batch_dims=1)
+    return tf.where((lengths > 0)[:, None], last, initial)
 
 
 def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
@@ -121,20 +148,21 @@ def _differentiable_inference(final_cell: bool) -> Any:
         hs, c = forward(*_unwatched(x, kernel, lengths, h0, c0, recurrent_kernel, bias), steps)
 
         def grad(d_hs, d_c):  # noqa: ANN001, ANN202
-            # The training path's forward loop, kept gates and backward loop.
+            # The training path: its forward loop, kept gates and backward loop.
             d_hs = tf.zeros_like(hs) if d_hs is None else d_hs
             d_c = tf.zeros_like(c) if d_c is None else d_c
-            # Without `final_cell`, `c` is C_0 itself: its gradient goes straight to c0.
-            d_final, d_c0 = (d_c, 0.0) if final_cell else (tf.zeros_like(d_c), d_c)
-            xw = tf.einsum("btd,dg->tbg", x, kernel)
-            hs_t, _, _, cs, gates = compiled.forward_keeping_gates(
-                xw, lengths, h0, c0, recurrent_kernel, bias)
-            dz, _, dh0, dc0, d_recurrent, d_bias = _gradient(
-                tf.transpose(d_hs, [1, 0, 2]), tf.zeros_like(h0), d_final, lengths, hs_t, cs,
-                gates, h0, c0, recurrent_kernel)
-            dc0 = dc0 + d_c0
-            dx = tf.einsum("tbg,dg->btd", dz, kernel)
-            d_kernel = tf.einsum("btd,tbg->dg", x, dz)
+            weights = [x, kernel, h0, c0, recurrent_kernel, bias]
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                xw = tf.einsum("btd,dg->tbg", x, kernel)
+                hs_t, _, c_t = recurrence(xw, lengths, h0, c0, recurrent_kernel, bias)
+                # Without `final_cell`, `c` is C_0 itself: its gradient goes straight to c0.
+                # (The products with the outputs' gradients, as one target: a list of
+                # targets with `output_gradients` gave wrong gradients here.)
+                total = tf.reduce_sum(tf.transpose(hs_t, [1, 0, 2]) * d_hs) + tf.reduce_sum(
+                    (c_t if final_cell else c0) * d_c)
+            dx, d_kernel, dh0, dc0, d_recurrent, d_bias = tape.gradient(
+                total, weights, unconnected_gradients="zero")
             return dx, d_kernel, None, dh0, dc0, d_recurrent, d_bias, None
 
         return (hs, c), grad
@@ -212,23 +240,6 @@ def _pool(xw: tf.Tensor, lengths: tf.Tensor, recurrent_kernel: tf.Tensor) -> tup
     return total, peak
 
 
-def _gradient(d_hs, d_h, d_c, lengths, hs, cs, gates, h0, c0, recurrent_kernel) -> tuple:
-    """Gradients `(dxw, None, dh0, dc0, d_recurrent_kernel, d_bias)` of `recurrence`."""
-    dz, dh0, dc0, d_bias = _compiled(h0.shape[-1]).backward(
-        d_hs, d_h, d_c, lengths, cs, gates, c0, recurrent_kernel)
-    # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
-    # MatMul measured faster for it).
-    m = h0.shape[-1]
-    h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
-    d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
-    # Hand dz on (to the gradients of x and W) only after that matmul: run at
-    # the same time, the matmuls compete for the same cores, and the step
-    # measured 3-5% slower.
-    with tf.control_dependencies([d_kernel]):
-        dz = tf.identity(dz)
-    return dz, None, dh0, dc0, d_kernel, d_bias
-
-
 class _Compiled:
     """The loops compiled by XLA, for one number of units.
 
@@ -238,7 +249,7 @@ class _Compiled:
 
     def __init__(self) -> None:
         jit = functools.partial(tf.function, jit_compile=True, reduce_retracing=True)
-        self.forward_keeping_gates = jit(_forward)
+        self.forward = jit(_forward)
         self.infer = jit(functools.partial(_infer, final_cell=False))
         self.infer_final_cell = jit(functools.partial(_infer, final_cell=True))
         self.backward = jit(_backward)
@@ -294,48 +305,58 @@ def _loop(steps: tf.Tensor, body: Any, state: list, outputs: list[tuple[tf.Tenso
     return carried[:len(state)], [a.stack() for a in carried[len(state):]]
 
 
-def _forward(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+def _forward(xw: tf.Tensor, steps: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
              recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
-    """`(H, h, C, Cs, G)`: `recurrence`'s outputs, and what the backward pass needs.
+    """`(H, Cs, G)` `[T, B, ·]`: h_t, C_t and the gates i, f, C̃, o of the first `steps` steps.
 
-    Cs `[T, B, M]` every C_t, and G `[T, B, 4M]` the gates i, f, C̃, o of every step.
+    (Nothing but the step itself in the loop: the final states are gathered
+    afterwards, `final_state`.)
     """
-    def body(t, h, c, h_last, c_last):
+    def body(t, h, c):
         h, c, gates = _step(xw[t], h, c, recurrent_kernel, bias)
-        real = (t < lengths)[:, None]
-        return (h, c, tf.where(real, h, h_last), tf.where(real, c, c_last)), (h, c, gates)
+        return (h, c), (h, c, gates)
 
     m = h0.shape[-1]
-    (_, _, h, c), kept = _loop(tf.shape(xw)[0], body, [h0, c0, h0, c0],
-                               [(h0, m), (c0, m), (h0, 4 * m)])
-    return (kept[0], h, c, *kept[1:])
+    _, kept = _loop(steps, body, [h0, c0], [(h0, m), (c0, m), (h0, 4 * m)],
+                    size=tf.shape(xw)[0])
+    return tuple(kept)
 
 
-def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, lengths: tf.Tensor,
-              cs: tf.Tensor, gates: tf.Tensor, c0: tf.Tensor,
+def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, steps: tf.Tensor,
+              lengths: tf.Tensor, cs: tf.Tensor, gates: tf.Tensor, c0: tf.Tensor,
               recurrent_kernel: tf.Tensor) -> tuple:
-    """`(dz, dh0, dc0, d_bias)`; dz `[T, B, 4M]`: the gradient of z_t = x_t·W + h_{t-1}·U + b."""
-    m = c0.shape[-1]
+    """`(dz, dh0, dc0, d_bias)`; dz `[T, B, 4M]`: the gradient of z_t = x_t·W + h_{t-1}·U + b.
+
+    Only two products depend on the step before: dh_{t-1} = dz_t·Uᵀ (+ the
+    outputs' own gradient) and dC_{t-1} = dC_t ⊙ f_t. Every other factor of the
+    chain rule is computed for all steps at once before the loop, so that the
+    loop does one element-wise pass and one matmul per step.
+    """
+    i, f, candidate, o = tf.split(gates, 4, axis=2)
+    c_prev = tf.concat([c0[None], cs[:-1]], 0)
+    tanh_c = tf.tanh(cs)
+    # The final state's gradient enters at each sequence's last real step.
+    last = tf.transpose(tf.one_hot(lengths - 1, tf.shape(cs)[0], dtype=cs.dtype))[:, :, None]
+    d_hs = d_hs + last * d_h
+    d_cs = last * d_c
+    dc_from_dh = o * (1 - tanh_c * tanh_c)  # dC_t/dh_t
+    # dz_t = [dC_t, dC_t, dC_t, dh_t] ⊙ local (through i_t, f_t, C̃_t and o_t)
+    local = tf.concat([candidate * i * (1 - i), c_prev * f * (1 - f),
+                       i * (1 - candidate * candidate), tanh_c * o * (1 - o)], 2)
     kernel_t = tf.transpose(recurrent_kernel)
 
-    def body(t, dh_next, dc_next, d_bias):
-        i, f, candidate, o = (gates[t][:, j * m:(j + 1) * m] for j in range(4))
-        c_prev = tf.where(t > 0, cs[tf.maximum(t - 1, 0)], c0)
-        tanh_c = tf.tanh(cs[t])
-        last = (t == lengths - 1)[:, None]  # where the final state was taken
-        dh = d_hs[t] + dh_next + tf.where(last, d_h, 0)
-        dc = dc_next + tf.where(last, d_c, 0) + dh * o * (1 - tanh_c * tanh_c)
-        dz = tf.concat([dc * candidate * i * (1 - i),  # through i_t
-                        dc * c_prev * f * (1 - f),  # through f_t
-                        dc * i * (1 - candidate * candidate),  # through C̃_t
-                        dh * tanh_c * o * (1 - o)], 1)  # through o_t
-        return (tf.matmul(dz, kernel_t), dc * f, d_bias + tf.reduce_sum(dz, 0)), (dz,)
+    def body(t, dh_next, dc_next):
+        dh = d_hs[t] + dh_next
+        dc = dc_next + d_cs[t] + dh * dc_from_dh[t]
+        dz = tf.concat([dc, dc, dc, dh], 1) * local[t]
+        return (tf.matmul(dz, kernel_t), dc * f[t]), (dz,)
 
-    (dh0, dc0, d_bias), (dz,) = _loop(
-        tf.shape(cs)[0], body, [tf.zeros_like(c0), tf.zeros_like(c0), tf.zeros([4 * m], c0.dtype)],
-        [(c0, 4 * m)], reverse=True)
+    m = c0.shape[-1]
+    (dh0, dc0), (dz,) = _loop(steps, body, [tf.zeros_like(c0), tf.zeros_like(c0)],
+                              [(c0, 4 * m)], reverse=True, size=tf.shape(cs)[0])
     empty = (lengths == 0)[:, None]  # the final state is the initial one
-    return dz, dh0 + tf.where(empty, d_h, 0), dc0 + tf.where(empty, d_c, 0), d_bias
+    return (dz, dh0 + tf.where(empty, d_h, 0), dc0 + tf.where(empty, d_c, 0),
+            tf.reduce_sum(dz, [0, 1]))
 
 
 def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backwards: bool,
@@ -382,22 +403,17 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
 def _training(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
               c0: tf.Tensor, recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
     """`recurrence` from batch-major inputs: `(H [B, T, M], h, C)`."""
-    steps = x.shape[1] or tf.shape(x)[1]
-    maybe_empty = not x.shape[1]
-    if maybe_empty:
-        # Possibly zero steps (tf.distribute feeds `(0, 0, features)` batches to
-        # replicas without data in a step), which XLA cannot compile: run one
-        # padding step then (all lengths are 0), and drop its output.
-        x = tf.pad(x, [[0, 0], [0, tf.cast(steps == 0, tf.int32)], [0, 0]])
-    # x_t·W for all steps, time-major, as one 2-D matmul (its gradients too;
-    # `einsum` measured 1.2-2.7x slower here).
-    x = tf.transpose(x, [1, 0, 2])
+    steps = tf.shape(x)[1]
+    # Time-major and padded to a bucket of lengths (zero steps too: tf.distribute
+    # feeds `(0, 0, features)` batches to replicas without data in a step, and XLA
+    # cannot compile an empty loop's arrays), then x_t·W for all steps as one 2-D
+    # matmul (its gradients too; `einsum` measured slower here).
+    x = tf.pad(tf.transpose(x, [1, 0, 2]), [[0, _bucketed(steps) - steps], [0, 0], [0, 0]])
     xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
                     tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))
-    hs, h_last, c_last = recurrence(xw, lengths, h0, c0, recurrent_kernel, bias)
-    if maybe_empty:
-        hs = hs[:steps]
-    return tf.transpose(hs, [1, 0, 2]), h_last, c_last
+    hs, h_last, c_last = _bucketed_recurrence(xw, steps, lengths, h0, c0, recurrent_kernel,
+                                              bias)
+    return tf.transpose(hs[:steps], [1, 0, 2]), h_last, c_last
 
 
 def keras_outputs(h_seq: tf.Tensor, h_last: tf.Tensor, lengths: tf.Tensor | None,
