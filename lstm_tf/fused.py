@@ -360,16 +360,21 @@ def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, steps: tf.Tensor,
 
 
 def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backwards: bool,
-        initial_state: list[Any], lengths: tf.Tensor | None,
+        initial_state: list[Any], mask: tf.Tensor | None,
         zero_output_for_mask: bool, training: bool = True, final_cell: bool = True) -> tuple:
     """One LSTM over `x` with `keras.layers.RNN`'s semantics, on the fused path.
+
+    Masks become per-sequence lengths: the loops run over each sequence's real
+    steps moved to the front (nothing moves for a right-padded mask, the usual
+    case: a `tf.cond` picks that path), and the outputs are put back in the
+    order the steps were read, masked steps repeating the last output (or 0).
 
     Args:
         x: `[B, T, D]` inputs (after dropout).
         kernel, recurrent_kernel, bias: the cell's weights (bias may be None).
         go_backwards: whether to read the sequence backwards.
         initial_state: `[h0, c0]`.
-        lengths: `[B]` real lengths of right-padded sequences, or None.
+        mask: `[B, T]` boolean, True at real steps, or None.
         zero_output_for_mask: outputs at masked steps are 0 (else the last output).
         training: keep what the gradient needs (`recurrence`); else `inference`.
         final_cell: at inference, whether the final C is needed (else C_0 is returned).
@@ -382,11 +387,16 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
     kernel, recurrent_kernel = tf.convert_to_tensor(kernel), tf.convert_to_tensor(recurrent_kernel)
     bias = tf.zeros(kernel.shape[-1:], kernel.dtype) if bias is None else tf.convert_to_tensor(bias)
     shape = x.shape[:2].concatenate(recurrent_kernel.shape[:1])  # [B, T, U], as far as known
+    masked = mask is not None
+    if masked:
+        mask = tf.cast(mask, tf.bool)
+        lengths, right_padded = right_padded_lengths(mask)
+        x = tf.cond(right_padded, lambda: x,
+                    lambda: tf.gather(x, _real_steps_first(mask), axis=1, batch_dims=1))
+    else:
+        lengths = tf.fill(tf.shape(h0)[:1], x.shape[1] or tf.shape(x)[1])
     if go_backwards:
-        x = tf.reverse(x, [1]) if lengths is None else tf.reverse_sequence(x, lengths, 1, 0)
-    steps = x.shape[1] or tf.shape(x)[1]
-    masked = lengths is not None
-    lengths = tf.cast(lengths, tf.int32) if masked else tf.fill(tf.shape(h0)[:1], steps)
+        x = tf.reverse_sequence(x, lengths, 1, 0) if masked else tf.reverse(x, [1])
     if training:
         h_seq, h_last, c_last = _training(x, kernel, lengths, h0, c0, recurrent_kernel, bias)
     else:
@@ -395,9 +405,34 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
     # (The compiled loops are traced for any shape: the static shapes are the call's.)
     h_seq = with_shape(h_seq, shape)
     h_last, c_last = (with_shape(t, shape[::2]) for t in (h_last, c_last))
-    last_output, outputs = keras_outputs(h_seq, h_last, lengths if masked else None,
-                                         go_backwards, zero_output_for_mask)
-    return last_output, outputs, [h_last, c_last]
+    if not masked:
+        return (*_with_last(h_seq, h_last), [h_last, c_last])
+    last_output, outputs = tf.cond(
+        right_padded,
+        lambda: keras_outputs(h_seq, h_last, lengths, go_backwards, zero_output_for_mask),
+        lambda: _with_last(_outputs_in_read_order(h_seq, mask, go_backwards,
+                                                  zero_output_for_mask), h_last))
+    return last_output, with_shape(outputs, shape), [h_last, c_last]
+
+
+def _real_steps_first(mask: tf.Tensor) -> tf.Tensor:
+    """`[B, T]` the time indices of each sequence's real steps, then of its masked ones."""
+    count = tf.cumsum(tf.cast(mask, tf.int32), axis=1)  # real steps up to t
+    t = tf.range(tf.shape(mask)[1])[None]
+    # Where step t goes: the count-th real step, or after all real ones.
+    position = tf.where(mask, count - 1, count[:, -1:] + t - count)
+    return tf.argsort(position, axis=1, stable=True)
+
+
+def _outputs_in_read_order(h_seq: tf.Tensor, mask: tf.Tensor, go_backwards: bool,
+                           zero_output_for_mask: bool) -> tf.Tensor:
+    """`[B, T, U]` outputs as read, from `h_seq` h after each sequence's k-th real step read."""
+    read = tf.reverse(mask, [1]) if go_backwards else mask
+    latest = tf.cumsum(tf.cast(read, tf.int32), axis=1) - 1  # the last real step read so far
+    outputs = tf.gather(h_seq, tf.maximum(latest, 0), axis=1, batch_dims=1)
+    # Masked steps repeat the last output (Keras: zeros before any real step).
+    keep = read if zero_output_for_mask else latest >= 0
+    return tf.where(keep[:, :, None], outputs, tf.zeros_like(outputs))
 
 
 def _training(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
@@ -441,6 +476,11 @@ def keras_outputs(h_seq: tf.Tensor, h_last: tf.Tensor, lengths: tf.Tensor | None
             if not zero_output_for_mask:
                 held = tf.where(lengths[:, None, None] > 0, h_last[:, None], held)
             outputs = tf.where(valid, h_seq, held)
+    return _with_last(outputs, h_last)
+
+
+def _with_last(outputs: tf.Tensor, h_last: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(last_output, outputs)`: the output of the last step read, and all of them."""
     if outputs.shape[1]:
         return outputs[:, -1], outputs
     # Possibly no steps: then the last output is the (initial) state.

@@ -12,9 +12,6 @@ from lstm_tf import conversion
 from lstm_tf import fused as fused_lib
 from lstm_tf.cell import LSTMCell
 
-# `fused="auto"` runs the fused path from this many units up (benchmarks/).
-FUSED_MIN_UNITS = 256
-
 # Every `LSTMCell` constructor argument after `units` (not `**kwargs`).
 _CELL_ARGS = tuple(inspect.signature(LSTMCell.__init__).parameters)[2:-1]
 
@@ -38,18 +35,14 @@ class LSTM(keras.layers.RNN):
             fixed batch size); clear it with `reset_state()`.
         unroll: Unroll the step loop (short sequences only).
         fused: `"auto"` (default) runs the fused path (`lstm_tf.fused`: the
-            recurrence compiled by XLA, a hand-written gradient) where it
-            applies: for inference at any size (one compiled function), for
-            training when `units >= 256`, where it measured faster than the
-            step loop on a 2-core CPU (see the README); the step-by-step
-            `LSTMCell` loop otherwise. `False` always runs the step loop;
-            `True` the fused path wherever it applies. It applies to the plain
-            cell (no variant) with `activation="tanh"`,
-            `recurrent_activation="sigmoid"`, `unroll=False` and, in training,
-            `recurrent_dropout=0`. Masks must be right-padded (real steps
-            first) for it: at inference other masks run on the step loop; in
-            training they are an error (use `fused=False`). Both paths compute
-            the same function.
+            recurrence compiled by XLA, a hand-written gradient) wherever it
+            applies, the step-by-step `LSTMCell` loop elsewhere; `False` always
+            runs the step loop; `True` is `"auto"` that raises if the fused path
+            does not apply. It applies to the plain cell (no variant) with
+            `activation="tanh"`, `recurrent_activation="sigmoid"`,
+            `unroll=False` and, in training, `recurrent_dropout=0`; with any
+            mask. Both paths compute the same function
+            (`docs/benchmarks.md`: how fast each is).
         **kwargs: Every `LSTMCell` argument (`activation`, `dropout`,
             `unit_forget_bias`, initializers, ...) and the usual layer
             arguments (`name`, `dtype`, ...).
@@ -122,14 +115,8 @@ class LSTM(keras.layers.RNN):
         )
 
     def uses_fused_path(self, training: bool = True) -> bool:
-        """Whether calls run on the fused path (`training`: training calls, else inference).
-
-        (At inference, masks that are not right-padded run on the step loop; in
-        training on the fused path they are an error.)
-        """
-        if not self.can_fuse(training):
-            return False
-        return self.fused is True or not training or self.units >= FUSED_MIN_UNITS
+        """Whether calls run on the fused path (`training`: training calls, else inference)."""
+        return self.can_fuse(training)
 
     def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool = False) -> tuple:
@@ -151,23 +138,7 @@ class LSTM(keras.layers.RNN):
                 conversion.warn_unfusable(self, reasons)
         if not self.uses_fused_path(training):
             return self._step_loop(sequences, initial_state, mask, training)
-        if mask is None:
-            return self._fused(sequences, initial_state, None, training)
-        # Masks become lengths on the fused path, which needs them right-padded (real
-        # steps first). At inference, other masks run on the step loop (a `tf.cond`);
-        # in training (a gradient cannot pass the fused path inside a `tf.cond`) they
-        # are an error, and under XLA, which drops assertions, NaN outputs.
-        lengths, right_padded = fused_lib.right_padded_lengths(mask)
-        if not training:
-            return tf.cond(right_padded,
-                           lambda: self._fused(sequences, initial_state, lengths, training),
-                           lambda: self._step_loop(sequences, initial_state, mask, training))
-        with tf.control_dependencies([tf.debugging.Assert(right_padded, [
-                "lstm_tf: the fused LSTM path needs right-padded masks in training "
-                "(True then False); pass fused=False for other masks"])]):
-            poison = tf.where(right_padded, 0.0, float("nan"))
-        sequences = sequences + tf.cast(poison, sequences.dtype)
-        return self._fused(sequences, initial_state, lengths, training)
+        return self._fused(sequences, initial_state, mask, training)
 
     def _step_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool) -> tuple:
@@ -187,7 +158,7 @@ class LSTM(keras.layers.RNN):
             [tf.shape(sequences)[0], 0, self.cell.output_size], sequences.dtype), states)
         return tf.cond(tf.shape(sequences)[1] > 0, run, nothing)
 
-    def _fused(self, sequences: Any, initial_state: Any, lengths: Any,
+    def _fused(self, sequences: Any, initial_state: Any, mask: Any,
                training: bool) -> tuple:
         """`lstm_tf.fused.run` with this layer's weights (and input dropout)."""
         cell = self.cell
@@ -195,7 +166,7 @@ class LSTM(keras.layers.RNN):
             sequences = sequences * cell.get_dropout_mask(sequences[:, 0, :])[:, None, :]
         return fused_lib.run(
             sequences, cell.kernel, cell.recurrent_kernel,
-            cell.bias, self.go_backwards, list(initial_state), lengths,
+            cell.bias, self.go_backwards, list(initial_state), mask,
             self.zero_output_for_mask, bool(training),
             final_cell=self.return_state or self.stateful)
 

@@ -1,6 +1,5 @@
 """The fused path against the step-by-step path: same outputs, states and gradients."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -64,40 +63,40 @@ def test_fused_equals_step_path(bidirectional, go_backwards, masked, with_state,
 
 
 def test_auto_picks_the_fused_path_when_it_applies():
-    big = lstm_tf.lstm.FUSED_MIN_UNITS
-    assert lstm_tf.LSTM(big).uses_fused_path()
-    assert not lstm_tf.LSTM(big - 1).uses_fused_path()
-    assert lstm_tf.LSTM(U, fused=True).uses_fused_path()
-    assert not lstm_tf.LSTM(big, recurrent_dropout=0.1).uses_fused_path()
-    assert not lstm_tf.LSTM(big, activation="relu").uses_fused_path()
-    assert not lstm_tf.LSTM(big, fused=False).uses_fused_path()
+    for units in (1, U, 64, 512):
+        assert lstm_tf.LSTM(units).uses_fused_path()
+        assert lstm_tf.LSTM(units, fused=True).uses_fused_path()
+        assert not lstm_tf.LSTM(units, fused=False).uses_fused_path()
+    assert not lstm_tf.LSTM(U, recurrent_dropout=0.1).uses_fused_path()
+    assert lstm_tf.LSTM(U, recurrent_dropout=0.1).uses_fused_path(training=False)
+    assert not lstm_tf.LSTM(U, activation="relu").uses_fused_path()
     with pytest.raises(ValueError, match="fused=True needs"):
         lstm_tf.LSTM(U, recurrent_dropout=0.1, fused=True)
 
 
-def test_left_padded_masks_run_on_the_step_loop_at_inference():
-    x = np.random.default_rng(0).normal(size=(2, T, D)).astype("float32")
-    mask = np.ones((2, T), bool)
-    mask[1, :3] = False  # padding at the start
-    step, fused = _pair(lambda f: lstm_tf.LSTM(U, return_sequences=True, fused=f), x)
-    expected = step(x, mask=mask)
-    np.testing.assert_allclose(fused(x, mask=mask), expected, atol=1e-6)
-    graph = tf.function(lambda x: fused(x, mask=mask, training=False))
-    np.testing.assert_allclose(graph(x), expected, atol=1e-6)
+# Real steps: first (right-padded), after padding (left-padded), with holes, none.
+ANY_MASK = np.array([[1, 1, 1, 1, 1, 1, 0, 0, 0],
+                     [0, 0, 0, 1, 1, 1, 1, 1, 1],
+                     [1, 0, 1, 1, 0, 0, 1, 0, 1],
+                     [0, 0, 0, 0, 0, 0, 0, 0, 0]], bool)
 
 
-def test_fused_training_rejects_left_padded_masks_also_under_xla():
-    layer = lstm_tf.LSTM(U, fused=True)
-    x = np.ones((2, T, D), "float32")
-    mask = np.ones((2, T), bool)
-    mask[1, 0] = False  # a hole at the start
-    with pytest.raises(tf.errors.InvalidArgumentError, match="right-padded"):
-        layer(x, mask=mask, training=True)
-    # XLA drops the assertion: the outputs are NaN, never silently wrong numbers.
-    compiled = tf.function(lambda x: layer(x, mask=mask, training=True), jit_compile=True)
-    assert np.all(np.isnan(compiled(x)))
-    keras.utils.set_random_seed(0)
-    assert lstm_tf.LSTM(U, fused=False)(x, mask=mask, training=True).shape == (2, U)
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("make", [
+    lambda fused: lstm_tf.LSTM(U, return_sequences=True, return_state=True, fused=fused),
+    lambda fused: lstm_tf.LSTM(U, return_sequences=True, go_backwards=True, fused=fused),
+    lambda fused: lstm_tf.LSTM(U, fused=fused),
+    lambda fused: lstm_tf.Bidirectional(lstm_tf.LSTM(U, return_sequences=True, fused=fused)),
+], ids=["states", "go_backwards", "last_output", "bidirectional"])
+def test_any_mask_equals_the_step_path(make, training):
+    """Masks that are not right-padded: the fused path moves the real steps first."""
+    x = np.random.default_rng(0).normal(size=(B, T, D)).astype("float32")
+    step, fused = _pair(make, x)
+    assert step.__class__ is fused.__class__
+    out_s, grad_s = _outputs_and_gradients(step, x, ANY_MASK, None, training)
+    out_f, grad_f = _outputs_and_gradients(fused, x, ANY_MASK, None, training)
+    for a, b in zip(out_s + grad_s, out_f + grad_f, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fused", [False, True])
