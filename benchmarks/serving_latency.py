@@ -2,7 +2,7 @@
 
     python -m recipes.sentiment --workdir=runs/sentiment            # the trained model
     python -m recipes.sentiment export --workdir=runs/sentiment     # its deployment formats
-    python benchmarks/serving_latency.py --workdir=runs/sentiment   # ~2 min (slow machine)
+    python benchmarks/serving_latency.py --workdir=runs/sentiment   # docs/benchmarks.md: its table
 
 Requests are real IMDB test reviews of at least 230 tokens, cut to their first 230
 token ids (the recipe's tokenizer), one review (batch 1) or 32 (batch 32) per request.

@@ -1,9 +1,12 @@
 """The long-delay copy task (recipes.copy_task).
 
-Default: LSTM(128) at delay T=100, with a curriculum over delays from T=10.
+Default: LSTM(128) at delay T=100, with a curriculum over delays from T=10:
+    python -m recipes.copy_task --workdir=runs/copy_lstm_T100
+should copy 99.9 % of the held-out symbols (it stops there: `stop_accuracy`).
 Variants (`--config=configs/copy_task.py:VARIANT`):
 - `chrono500`, `chrono1000`, `chrono2000`: chrono-initialized LSTM at T=500, 1000, 2000
-  (curriculum from T=10; the longer ones train for up to 10 h, resuming when rerun).
+  (curriculum from T=10; the longer ones train for up to 10 h, resuming when rerun), to
+  99.9 %, 99 % and 99 % of the symbols (docs/recipes/copy_task.md).
 - `smoke`: a tiny run for tests (seconds).
 Cells: `--config.cell=lstm|lstm_peephole|lstm_ln|rnn|gru` (lstm_tf.LSTM, with peepholes, with
 layer norm; rnn = keras.layers.SimpleRNN, gru = keras.layers.GRU);
@@ -59,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.chrono = True
         if config.delay > 500:
             config.max_train_minutes = 600.0
-            config.stop_accuracy = 0.99  # issue 15's bar: an epoch at T=1000 takes minutes
+            config.stop_accuracy = 0.99  # an epoch at these delays is long: 99 % counts as solved
     elif variant == "smoke":
         config.log_every_steps = 5
         config.delay = 10

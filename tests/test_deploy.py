@@ -86,7 +86,7 @@ def test_sentiment_accuracy_of_every_format_on_real_reviews(sentiment_deployed):
     """`evaluate`: the float formats score as the SavedModel; int8 stays close per review.
 
     (The smoke model's probabilities are all near 0.5, so its accuracy says
-    little about int8; the README measures that on the real model.)
+    little about int8; docs/deploy.md gives that for the real model.)
     """
     from recipes.sentiment import input_pipeline
     from recipes.sentiment.deploy import accuracy, config_of, predictor

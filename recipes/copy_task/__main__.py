@@ -31,6 +31,8 @@ _CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(configs.__file__), "copy_task.py"),
     "Config file, optionally with a variant: configs/copy_task.py:smoke.")
 
+COMMANDS = ("sweep", "export", "predict")
+
 
 def main(argv: list[str]) -> None:
     command = argv[1:]
@@ -56,7 +58,7 @@ def main(argv: list[str]) -> None:
             print(line)
     elif command:
         raise errors.RecipeError(f"unknown command {' '.join(command)!r} "
-                                 "(known: sweep, export, predict)")
+                                 f"(known: {', '.join(COMMANDS)})")
     else:
         from recipes.copy_task import train
 
