@@ -153,3 +153,19 @@ def test_inference_gradient_equals_the_training_path(final_cell):
 
     for a, b in zip(gradients(reference), gradients(inference), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_sequences_longer_than_a_chunk(training):
+    """The fused loops run in chunks of `TIME_BUCKET` steps, the state carried across."""
+    from lstm_tf import fused
+
+    steps = 2 * fused.TIME_BUCKET + 3
+    x = np.random.default_rng(0).normal(size=(B, steps, D)).astype("float32")
+    mask = np.arange(steps)[None] < np.array([steps, fused.TIME_BUCKET + 1, 1, 0])[:, None]
+    step, fused_layer = _pair(lambda f: lstm_tf.Bidirectional(lstm_tf.LSTM(
+        U, return_sequences=True, return_state=True, fused=f)), x)
+    out_s, grad_s = _outputs_and_gradients(step, x, mask, None, training)
+    out_f, grad_f = _outputs_and_gradients(fused_layer, x, mask, None, training)
+    for a, b in zip(out_s + grad_s, out_f + grad_f, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
