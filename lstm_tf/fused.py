@@ -18,7 +18,7 @@ What it does to be fast on a CPU (the speed it reaches against `keras.layers.LST
   recomputes the forward pass).
 * Masks become per-sequence lengths: the loop runs unmasked and the final
   state is taken at each sequence's last real step; the backward direction
-  reads each sequence reversed up to its length (`tf.reverse_sequence`).
+  reads each sequence reversed up to its length (`reverse_real_steps`).
 * A `Bidirectional`'s two directions are two independent loops in one graph,
   which TensorFlow runs concurrently.
 * For a classifier that mean- and max-pools an LSTM's outputs,
@@ -396,7 +396,7 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
     else:
         lengths = tf.fill(tf.shape(h0)[:1], x.shape[1] or tf.shape(x)[1])
     if go_backwards:
-        x = tf.reverse_sequence(x, lengths, 1, 0) if masked else tf.reverse(x, [1])
+        x = reverse_real_steps(x, lengths) if masked else tf.reverse(x, [1])
     if training:
         h_seq, h_last, c_last = _training(x, kernel, lengths, h0, c0, recurrent_kernel, bias)
     else:
@@ -468,8 +468,8 @@ def keras_outputs(h_seq: tf.Tensor, h_last: tf.Tensor, lengths: tf.Tensor | None
         valid = tf.sequence_mask(lengths, tf.shape(h_seq)[1])[:, :, None]
         if go_backwards:
             # Read order: the padding first (output 0), then the real steps reversed.
-            outputs = tf.reverse(tf.reverse_sequence(
-                tf.where(valid, h_seq, tf.zeros_like(h_seq)), lengths, 1, 0), [1])
+            outputs = tf.reverse(reverse_real_steps(
+                tf.where(valid, h_seq, tf.zeros_like(h_seq)), lengths), [1])
         else:
             # Masked steps repeat the last output (Keras: zeros before any real step).
             held = tf.zeros_like(h_seq)
@@ -485,6 +485,23 @@ def _with_last(outputs: tf.Tensor, h_last: tf.Tensor) -> tuple[tf.Tensor, tf.Ten
         return outputs[:, -1], outputs
     # Possibly no steps: then the last output is the (initial) state.
     return tf.concat([h_last[:, None], outputs], 1)[:, -1], outputs
+
+
+@tf.custom_gradient
+def reverse_real_steps(x: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
+    """`[B, T, ...]` with each sequence's first `lengths` steps reversed, the rest in place.
+
+    `tf.reverse_sequence` as a gather, the faster kernel here; the gradient is the
+    same permutation (its own inverse) of the output's gradient.
+    """
+    t = tf.range(tf.shape(x)[1])[None]
+    lengths = tf.cast(lengths, tf.int32)[:, None]
+    order = tf.where(t < lengths, lengths - 1 - t, t)
+
+    def grad(dy: tf.Tensor) -> tuple:
+        return tf.gather(dy, order, axis=1, batch_dims=1), None
+
+    return tf.gather(x, order, axis=1, batch_dims=1), grad
 
 
 def right_padded_lengths(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
