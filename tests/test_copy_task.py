@@ -12,7 +12,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from recipe_testing import assert_one_line_error, run_recipe, summary_tags
+from recipe_testing import (
+    assert_finished_run_stays_finished,
+    assert_one_line_error,
+    run_recipe,
+    summary_tags,
+)
 
 import lstm_tf
 from configs import copy_task as copy_config
@@ -139,6 +144,10 @@ def test_smoke_run_writes_metrics_diagnostics_and_summaries(copy_task_run):
     tags = summary_tags(copy_task_run / "tensorboard")
     assert {"train_loss", "eval_loss", "eval_baseline", "eval_copied_accuracy", "train_delay",
             "gradient_flow", "forget_gate", "steps/train_loss"} <= tags, tags
+
+
+def test_a_finished_run_stays_finished(copy_task_run, capsys):
+    assert_finished_run_stays_finished("copy_task", "smoke", copy_task_run, capsys)
 
 
 def test_export_predicts_in_fresh_process(copy_task_run):

@@ -11,7 +11,14 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
-from recipe_testing import ROOT, assert_one_line_error, parse_config, run_recipe, summary_tags
+from recipe_testing import (
+    ROOT,
+    assert_finished_run_stays_finished,
+    assert_one_line_error,
+    parse_config,
+    run_recipe,
+    summary_tags,
+)
 
 from configs import sentiment as sentiment_config
 from recipes.common.errors import RecipeError
@@ -31,6 +38,10 @@ def test_workdir_contents(sentiment_run):
     assert not (sentiment_run / "backup").exists()  # BackupAndRestore cleans up on success
     assert sorted(p.name for p in (sentiment_run / "export").iterdir()) == ["1"]
     assert metrics["export"] == str(sentiment_run / "export" / "1")
+
+
+def test_a_finished_run_stays_finished(sentiment_run, capsys):
+    assert_finished_run_stays_finished("sentiment", "smoke", sentiment_run, capsys)
 
 
 def test_test_accuracy_is_the_exports_accuracy(sentiment_run):
