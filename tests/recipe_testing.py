@@ -19,12 +19,15 @@ from recipes.common.errors import RecipeError
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_recipe(module: str, *args: str, check: bool = True, cwd=ROOT, **kwargs):
-    """`python -m recipes.MODULE ARGS` in a fresh process; raises with its stderr on failure."""
+def run_recipe(module: str, *args: str, check: bool = True, cwd=ROOT,
+               stderr=subprocess.PIPE, **kwargs):
+    """`python -m recipes.MODULE ARGS` in a fresh process; raises with its stderr on failure.
+
+    (`stderr=subprocess.STDOUT`: both in `stdout`.)"""
     proc = subprocess.run([sys.executable, "-m", f"recipes.{module}", *args], cwd=cwd,
-                          capture_output=True, text=True, **kwargs)
+                          stdout=subprocess.PIPE, stderr=stderr, text=True, **kwargs)
     if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
+        raise AssertionError((proc.stderr or proc.stdout)[-3000:])
     return proc
 
 
