@@ -28,6 +28,7 @@ def _results(workdir: pathlib.Path) -> dict:
     return {split: metrics[split] for split in ("train", "validation", "test")}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_ends_as_if_never_killed(tmp_path):
     uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
 
@@ -70,6 +71,7 @@ def _assert_damaged_backups_are_named(killed: pathlib.Path, tmp_path: pathlib.Pa
             train.train_and_evaluate(sentiment.get_config("smoke"), str(damaged))
 
 
+@pytest.mark.slow
 def test_a_workdir_in_use_is_refused(tmp_path):
     from configs import sentiment
     from recipes.sentiment import train
@@ -138,6 +140,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint_and_export(finished_c
     _assert_export_1_serves(workdir)
 
 
+@pytest.mark.slow
 def test_run_killed_while_exporting_leaves_the_previous_version_servable(finished_copy_run):
     workdir = finished_copy_run
     (workdir / "metrics.json").unlink()  # train it again (a finished run stays finished)
@@ -196,6 +199,7 @@ def test_backup_interrupted_while_swapping_is_recovered(tmp_path):
     assert checkpoints.completed_epochs(tmp_path / "nothing") == 0
 
 
+@pytest.mark.slow
 def test_full_disk_gives_one_line_error(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()

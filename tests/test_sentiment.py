@@ -136,6 +136,7 @@ def test_command_line(sentiment_run, tmp_path):
 LOG_LINES = re.compile(r"^[IWE]\d{4} |oneDNN|XLA service|absl::InitializeLog", re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_console_is_clean_and_a_finished_run_says_so_in_one_line(tmp_path):
     """The command as a user types it (no TF_CPP_MIN_LOG_LEVEL): Keras's epoch lines and the
     result line, no logging; the same command again prints one line and trains nothing."""
