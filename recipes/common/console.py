@@ -25,8 +25,8 @@ def import_tensorflow_quietly() -> None:
     """`import tensorflow` with its C++ logging at fatal errors only, unless the environment
     sets TF_CPP_MIN_LOG_LEVEL (then as it says).
 
-    Lines that TensorFlow logs while it loads ignore the level: they are written to a
-    temporary file, and those but its INFO lines are copied to stderr.
+    What TensorFlow logs while it loads ignores the level: stderr goes to a temporary file
+    meanwhile, and all of it but the INFO lines (and absl's notice) is copied to stderr.
     """
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
         import tensorflow  # noqa: F401
@@ -40,6 +40,7 @@ def import_tensorflow_quietly() -> None:
         try:
             import tensorflow  # noqa: F401
         finally:
+            sys.stderr.flush()
             os.dup2(stderr, 2)
             os.close(stderr)
             loading.seek(0)
