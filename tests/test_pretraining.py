@@ -139,6 +139,7 @@ def test_embedding_from_keeps_its_workdirs_vocabulary(lm_imdb_run, lm_imdb_backw
     backup's embedding rows are of those other words)."""
     workdir = tmp_path / "w"
     shutil.copytree(lm_imdb_backward_run, workdir)
+    (workdir / "metrics.json").unlink()  # a rerun that trains (a finished run stays finished)
     vocab = json.loads((workdir / "vocab.json").read_text(encoding="utf-8"))
     (workdir / "vocab.json").write_text(json.dumps(vocab[::-1]), encoding="utf-8")
     with pytest.raises(RecipeError, match="is not the vocabulary of --config.embedding_from="):
