@@ -67,8 +67,8 @@ def lock_workdir(path: pathlib.Path) -> None:
 
 
 def _holder(lock: Any) -> str:
-    """"process PID" for the process holding `lock` (it writes its pid right after taking
-    the lock: read until it is there, up to a second)."""
+    """Who holds `lock`: "process PID" (the holder writes its pid just after taking the
+    lock, so it is read until it is there, for up to a second)."""
     for _ in range(50):
         lock.seek(0)
         pid = lock.read().strip()
@@ -142,11 +142,11 @@ def finished_metrics(config: Any, workdir: str | os.PathLike) -> dict[str, Any] 
 
 def result_line(metrics: dict[str, Any]) -> str:
     """A run's metrics.json in one line: its test (else eval, else validation) metrics and
-    its export."""
+    its export (the chief's)."""
     split = next(s for s in ("test", "eval", "validation") if s in metrics)
     values = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                        for k, v in metrics[split].items())
-    return f"{split} {values}; export {metrics.get('export')}"
+    return f"{split} {values}" + (f"; export {metrics['export']}" if "export" in metrics else "")
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
