@@ -1,25 +1,33 @@
-"""What the recipe tests share: the command line, parsed configs, errors, TensorBoard tags."""
+"""What the recipe tests share: the command line, parsed configs, errors, TensorBoard tags,
+finished runs."""
 
+import importlib
+import json
 import pathlib
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 
+import pytest
 import tensorflow as tf
 from absl import flags
 
 from recipes.common import cli
+from recipes.common.errors import RecipeError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_recipe(module: str, *args: str, check: bool = True, cwd=ROOT, **kwargs):
-    """`python -m recipes.MODULE ARGS` in a fresh process; raises with its stderr on failure."""
+def run_recipe(module: str, *args: str, check: bool = True, cwd=ROOT,
+               stderr=subprocess.PIPE, **kwargs):
+    """`python -m recipes.MODULE ARGS` in a fresh process; raises with its stderr on failure.
+
+    (`stderr=subprocess.STDOUT`: both in `stdout`.)"""
     proc = subprocess.run([sys.executable, "-m", f"recipes.{module}", *args], cwd=cwd,
-                          capture_output=True, text=True, **kwargs)
+                          stdout=subprocess.PIPE, stderr=stderr, text=True, **kwargs)
     if check and proc.returncode != 0:
-        raise AssertionError(proc.stderr[-3000:])
+        raise AssertionError((proc.stderr or proc.stdout)[-3000:])
     return proc
 
 
@@ -61,3 +69,31 @@ def summary_tags(logdir: pathlib.Path) -> set[str]:
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             tags.update(v.tag for v in event.summary.value)
     return tags
+
+
+def _files(workdir: pathlib.Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in workdir.rglob("*")}
+
+
+def assert_finished_run_stays_finished(recipe: str, variant: str, workdir: pathlib.Path,
+                                       capsys) -> None:
+    """`train_and_evaluate` again on the finished run in `workdir` (`configs/RECIPE.py:VARIANT`)
+    writes nothing (no training, no export) and returns its metrics.json, printed in one
+    line; with another config, it is refused in one line, and writes nothing either."""
+    config = importlib.import_module(f"configs.{recipe}").get_config(variant)
+    train = importlib.import_module(f"recipes.{recipe}.train")
+    before = _files(workdir)
+    capsys.readouterr()
+    metrics = train.train_and_evaluate(config, str(workdir))
+    assert metrics == json.loads((workdir / "metrics.json").read_text())
+    assert _files(workdir) == before
+    [line] = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith(f"{workdir.resolve()} is a finished run (to train it again, "
+                           "delete its metrics.json): ")
+    assert line.endswith(f"; export {workdir.resolve() / 'export' / '1'}")
+
+    config.seed += 1
+    with pytest.raises(RecipeError, match=r"holds a finished run with another config \(its "
+                                          r"config.json differs in seed\); pass another"):
+        train.train_and_evaluate(config, str(workdir))
+    assert _files(workdir) == before

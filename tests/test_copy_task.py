@@ -3,6 +3,9 @@
 import csv
 import json
 import math
+import os
+import pty
+import re
 import resource
 import subprocess
 import sys
@@ -12,7 +15,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from recipe_testing import assert_one_line_error, run_recipe, summary_tags
+from recipe_testing import (
+    ROOT,
+    assert_finished_run_stays_finished,
+    assert_one_line_error,
+    run_recipe,
+    summary_tags,
+)
 
 import lstm_tf
 from configs import copy_task as copy_config
@@ -139,6 +148,35 @@ def test_smoke_run_writes_metrics_diagnostics_and_summaries(copy_task_run):
     tags = summary_tags(copy_task_run / "tensorboard")
     assert {"train_loss", "eval_loss", "eval_baseline", "eval_copied_accuracy", "train_delay",
             "gradient_flow", "forget_gate", "steps/train_loss"} <= tags, tags
+
+
+def test_a_finished_run_stays_finished(copy_task_run, capsys):
+    assert_finished_run_stays_finished("copy_task", "smoke", copy_task_run, capsys)
+
+
+@pytest.mark.slow
+def test_progress_bar_within_the_epoch_on_a_terminal(tmp_path):
+    """On a terminal Keras's bar shows the steps as they go (` 1/10 ━━...`, redrawn after a
+    `\\r`); a log file gets one line per epoch (see test_sentiment's console test)."""
+    terminal, child = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.copy_task", f"--workdir={tmp_path}",
+                             "--config=configs/copy_task.py:smoke"], cwd=ROOT, stdout=child,
+                            stderr=subprocess.DEVNULL)
+    os.close(child)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # (EIO: the process has closed the terminal)
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(terminal)
+    assert proc.wait() == 0
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", output.decode())  # (without the bar's colours)
+    steps = copy_config.get_config("smoke").steps_per_epoch
+    assert re.search(rf"\r *1/{steps} ", shown), shown[:2000]  # (the bar after step 1)
 
 
 def test_export_predicts_in_fresh_process(copy_task_run):

@@ -67,6 +67,7 @@ def _assert_same_training(metrics: dict, reference: dict) -> None:
         assert metrics[split]["loss"] == pytest.approx(reference[split]["loss"], abs=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_two_workers_train_like_one_process_even_when_one_is_killed(tmp_path,
                                                                    single_process):
     """Worker 1 is killed (-9) once epoch 1 is backed up: the chief stops with one line,
@@ -101,9 +102,10 @@ def test_two_workers_train_like_one_process_even_when_one_is_killed(tmp_path,
         "workers"]
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_cpus_trains_like_one_device(tmp_path, single_process):
     proc = run_recipe("sentiment", f"--workdir={tmp_path}", *COMPARABLE,
-                      "--strategy=mirrored", "--cpu_devices=2")
+                      "--strategy=mirrored", "--cpu_devices=2", "--verbosity=0")
     assert "MirroredStrategy with devices" in proc.stderr and "device:CPU:1" in proc.stderr
     _assert_same_training(_metrics(tmp_path), single_process)
 

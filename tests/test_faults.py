@@ -1,12 +1,14 @@
 """Surviving faults: kill -9 and resume, damaged backups, a busy workdir, NaN loss,
 interrupted export, full disk."""
 
+import fcntl
 import json
 import pathlib
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import keras
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 import tensorflow as tf
 from recipe_testing import ROOT, assert_one_line_error, run_recipe, wait_until
 
-from recipes.common import checkpoints, exports
+from recipes.common import checkpoints, exports, workdirs
 from recipes.common.errors import RecipeError
 
 # Dropout on: resuming must also restore the dropout layers' random state.
@@ -26,6 +28,7 @@ def _results(workdir: pathlib.Path) -> dict:
     return {split: metrics[split] for split in ("train", "validation", "test")}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_ends_as_if_never_killed(tmp_path):
     uninterrupted, killed = tmp_path / "uninterrupted", tmp_path / "killed"
 
@@ -68,6 +71,7 @@ def _assert_damaged_backups_are_named(killed: pathlib.Path, tmp_path: pathlib.Pa
             train.train_and_evaluate(sentiment.get_config("smoke"), str(damaged))
 
 
+@pytest.mark.slow
 def test_a_workdir_in_use_is_refused(tmp_path):
     from configs import sentiment
     from recipes.sentiment import train
@@ -84,6 +88,15 @@ def test_a_workdir_in_use_is_refused(tmp_path):
     finally:
         holder.communicate("")
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_lock_taken_a_moment_ago_names_its_holder(tmp_path):
+    """(The holder writes its pid just after taking the lock: the refusal waits for it.)"""
+    with open(tmp_path / ".lock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        threading.Timer(0.2, lambda: (holder.write("12345"), holder.flush())).start()
+        with pytest.raises(RecipeError, match=f"{tmp_path} is in use by process 12345; wait"):
+            workdirs.lock_workdir(tmp_path)
 
 
 COPY_SMOKE = ["--config=configs/copy_task.py:smoke"]
@@ -119,6 +132,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint_and_export(finished_c
     from recipes.copy_task import train
 
     best = (workdir / "checkpoints" / "best.weights.h5").read_bytes()
+    (workdir / "metrics.json").unlink()  # train it again (a finished run stays finished)
     with pytest.raises(RecipeError, match=r"training loss became .* at step \d+ \(epoch 1, "
                                           r"batch \d+\); stopped"):
         train.train_and_evaluate(_copy_smoke(learning_rate=1e35, clipnorm=1e30), str(workdir))
@@ -126,8 +140,10 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint_and_export(finished_c
     _assert_export_1_serves(workdir)
 
 
+@pytest.mark.slow
 def test_run_killed_while_exporting_leaves_the_previous_version_servable(finished_copy_run):
     workdir = finished_copy_run
+    (workdir / "metrics.json").unlink()  # train it again (a finished run stays finished)
     proc = subprocess.Popen(
         [sys.executable, "-m", "recipes.copy_task", f"--workdir={workdir}", *COPY_SMOKE],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -183,6 +199,7 @@ def test_backup_interrupted_while_swapping_is_recovered(tmp_path):
     assert checkpoints.completed_epochs(tmp_path / "nothing") == 0
 
 
+@pytest.mark.slow
 def test_full_disk_gives_one_line_error(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()

@@ -9,7 +9,14 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from recipe_testing import ROOT, assert_one_line_error, parse_config, run_recipe, summary_tags
+from recipe_testing import (
+    ROOT,
+    assert_finished_run_stays_finished,
+    assert_one_line_error,
+    parse_config,
+    run_recipe,
+    summary_tags,
+)
 
 from configs import language_model as lm_config
 from recipes.common.errors import RecipeError
@@ -173,6 +180,10 @@ def test_smoke_run_writes_metrics_and_summaries(language_model_run):
     assert {"train_cross_entropy", "eval_cross_entropy", "eval_bits_per_char",
             "learning_rate", "samples", "steps/train_loss"} <= tags, tags
     assert not (language_model_run / "backup").exists()
+
+
+def test_a_finished_run_stays_finished(language_model_run, capsys):
+    assert_finished_run_stays_finished("language_model", "smoke", language_model_run, capsys)
 
 
 def test_export_generates_and_scores_in_fresh_process(language_model_run):

@@ -273,9 +273,8 @@ def test_input_dropout_is_variational_and_off_at_inference():
     assert (dropped == dropped[:, :1]).all()  # one mask for every time step
 
 
-def test_recurrent_dropout_is_variational_and_off_at_inference(lstm_path):
-    if lstm_path == "fused":
-        pytest.skip("recurrent dropout runs on the step path only")
+@pytest.mark.parametrize("lstm_path", ["step"], indirect=True)  # (the fused path has none)
+def test_recurrent_dropout_is_variational_and_off_at_inference():
     layer, kernel, recurrent, bias = _identity_candidate_lstm(recurrent_dropout=0.5, seed=7)
     bias[2 * U:3 * U] = 1.0  # z_c = 1 + h_{t-1}·mask
     recurrent[:, 2 * U:3 * U] = np.eye(U)

@@ -1,10 +1,14 @@
-"""The layer library installs and imports alone: TensorFlow and Keras, nothing of the recipes'."""
+"""The layer library installs and imports alone: TensorFlow and Keras, nothing of the recipes';
+its wheel holds `lstm_tf` only (the recipes and configs run from the repository)."""
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
+import zipfile
 
 from packaging.requirements import Requirement
+from recipe_testing import ROOT
 
 
 def test_base_requirements_are_keras_and_tensorflow_only():
@@ -23,3 +27,19 @@ def test_importing_lstm_tf_loads_no_recipe_dependency():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_the_wheel_holds_lstm_tf_alone(tmp_path):
+    """(Built from a copy of the repository, so that nothing is written into it.)"""
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".*", "runs", "build", "dist", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "--wheel-dir", str(tmp_path / "dist"), str(source)],
+                   check=True, capture_output=True)
+    [wheel] = (tmp_path / "dist").glob("lstm_tf-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"lstm_tf"}
+    assert {n for n in names if n.endswith(".py")} == {
+        f"lstm_tf/{p.name}" for p in (ROOT / "lstm_tf").glob("*.py")}

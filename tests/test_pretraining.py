@@ -76,6 +76,7 @@ def test_language_model_words_are_the_sentiment_recipes_tokens():
     assert any("<br" in text for text in texts)  # (what standardization removes is there)
 
 
+@pytest.mark.slow
 def test_imdb_language_model_has_no_test_split(lm_imdb_run):
     config = lm_config.get_config("imdb_smoke")
     train_text, val_text, test_text = lm_input.read_splits(config)
@@ -100,6 +101,7 @@ def test_backward_language_model_reads_the_stream_backwards():
     assert lm_input.reverse("ab c\nd!", shakespeare) == "!d\nc ba"
 
 
+@pytest.mark.slow
 def test_backward_language_model_trains_on_the_forward_embedding(lm_imdb_run,
                                                                  lm_imdb_backward_run):
     """`embedding_from`: the forward model's vocabulary and embedding, unchanged by training;
@@ -116,6 +118,7 @@ def test_backward_language_model_trains_on_the_forward_embedding(lm_imdb_run,
         assert same == (name == "embedding"), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     ({"embedding_dim": 32}, "--config.embedding_dim=32, but the language model in"),
     ({"vocab_size": 500}, "--config.vocab_size=500, but the language model in"),
@@ -129,18 +132,21 @@ def test_embedding_from_a_language_model_that_does_not_fit(lm_imdb_run, tmp_path
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_embedding_from_keeps_its_workdirs_vocabulary(lm_imdb_run, lm_imdb_backward_run,
                                                        tmp_path):
     """A rerun in a workdir whose vocabulary is not `embedding_from`'s is an error (its
     backup's embedding rows are of those other words)."""
     workdir = tmp_path / "w"
     shutil.copytree(lm_imdb_backward_run, workdir)
+    (workdir / "metrics.json").unlink()  # a rerun that trains (a finished run stays finished)
     vocab = json.loads((workdir / "vocab.json").read_text(encoding="utf-8"))
     (workdir / "vocab.json").write_text(json.dumps(vocab[::-1]), encoding="utf-8")
     with pytest.raises(RecipeError, match="is not the vocabulary of --config.embedding_from="):
         lm_train.train_and_evaluate(_backward_lm_config(lm_imdb_run), str(workdir))
 
 
+@pytest.mark.slow
 def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_path):
     config = _sentiment_config(lm_imdb_run)
     _, lm_cfg, lm_vocab = pretrained.language_model(config)
@@ -172,6 +178,7 @@ def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_pa
         np.testing.assert_array_equal(ours, before)  # the backward LSTM: not pretrained
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_language_models_and_resumes_without_them(
         lm_imdb_run, lm_imdb_backward_run, tmp_path):
     """A run from both language models killed (-9) after its first epoch and rerun, at a
@@ -219,6 +226,7 @@ def test_fine_tuning_starts_from_the_language_models_and_resumes_without_them(
             np.testing.assert_allclose(ours, theirs, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_init_backward_from_starts_the_backward_lstm(lm_imdb_run, lm_imdb_backward_run):
     """With both language models, the first Bi-LSTM layer at the review's first token holds
     the backward LM's state after reading the review from its last token to its first, and
@@ -244,6 +252,7 @@ def test_init_backward_from_starts_the_backward_lstm(lm_imdb_run, lm_imdb_backwa
         np.testing.assert_allclose(outputs[position, half], h.numpy()[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_init_backward_from_a_language_model_that_does_not_fit(lm_imdb_run, lm_imdb_backward_run,
                                                                tmp_path):
     """The wrong direction either way, no forward model, and a forward model whose embedding
@@ -271,6 +280,7 @@ def test_init_backward_from_a_language_model_that_does_not_fit(lm_imdb_run, lm_i
         pretrained.initialize(models.create_model(config), config, vocab)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backward, schedule, model", [
     (False, "constant", "bilstm"), (True, "constant", "bilstm"), (False, "cosine", "bilstm"),
     (False, "constant", "bilstm_ngrams")])
@@ -321,6 +331,7 @@ def test_language_models_weights_learn_at_the_scaled_rate(lm_imdb_run, lm_imdb_b
                                    err_msg=network.weights[k].path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", [
     ({"lstm_units": 16}, "--config.lstm_units=16, but the language model"),
     ({"embedding_dim": 32}, "set --config.embedding_dim=16"),
@@ -350,6 +361,7 @@ def test_pretrained_config_fits_the_imdb_language_model():
     assert config.vocab_size == lm.vocab_size and config.validation_split == lm.validation_split
 
 
+@pytest.mark.slow
 def test_deployed_language_model_tokenizes_as_its_export(lm_imdb_run):
     """The deployed LM's Python tokenization (`Streamer.ids`) = the export's in-graph one."""
     written = lm_deploy.export(str(lm_imdb_run), ["tflite"])

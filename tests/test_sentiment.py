@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,14 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
-from recipe_testing import ROOT, assert_one_line_error, parse_config, run_recipe, summary_tags
+from recipe_testing import (
+    ROOT,
+    assert_finished_run_stays_finished,
+    assert_one_line_error,
+    parse_config,
+    run_recipe,
+    summary_tags,
+)
 
 from configs import sentiment as sentiment_config
 from recipes.common.errors import RecipeError
@@ -31,6 +39,10 @@ def test_workdir_contents(sentiment_run):
     assert not (sentiment_run / "backup").exists()  # BackupAndRestore cleans up on success
     assert sorted(p.name for p in (sentiment_run / "export").iterdir()) == ["1"]
     assert metrics["export"] == str(sentiment_run / "export" / "1")
+
+
+def test_a_finished_run_stays_finished(sentiment_run, capsys):
+    assert_finished_run_stays_finished("sentiment", "smoke", sentiment_run, capsys)
 
 
 def test_test_accuracy_is_the_exports_accuracy(sentiment_run):
@@ -119,6 +131,30 @@ def test_command_line(sentiment_run, tmp_path):
                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert_one_line_error(proc, "--config.batch_size=0 is invalid")
     assert not (tmp_path / "run").exists()
+
+
+LOG_LINES = re.compile(r"^[IWE]\d{4} |oneDNN|XLA service|absl::InitializeLog", re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_console_is_clean_and_a_finished_run_says_so_in_one_line(tmp_path):
+    """The command as a user types it (no TF_CPP_MIN_LOG_LEVEL): Keras's epoch lines and the
+    result line, no logging; the same command again prints one line and trains nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    command = ("sentiment", f"--workdir={tmp_path}", "--config=configs/sentiment.py:smoke")
+    first = run_recipe(*command, env=env, stderr=subprocess.STDOUT)
+    assert not LOG_LINES.search(first.stdout), first.stdout
+    lines = first.stdout.strip().splitlines()
+    assert [line for line in lines if line.startswith("Epoch ")] == ["Epoch 1/2", "Epoch 2/2"]
+    assert lines[-1].startswith("test accuracy ")
+    assert lines[-1].endswith(f"; export {tmp_path / 'export' / '1'}")
+    assert len(lines) == 5, first.stdout  # two epochs, a line each (not a terminal)
+
+    again = run_recipe(*command, env=env, stderr=subprocess.STDOUT)
+    assert again.stdout.strip().splitlines() == [
+        f"{tmp_path} is a finished run (to train it again, delete its metrics.json): "
+        + lines[-1]]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["1"]
 
 
 def _config(**overrides):

@@ -2,6 +2,7 @@
 
 * `errors`: `RecipeError` (a user mistake, reported as one line) and config checks;
 * `cli`: the absl flags every recipe has, and `run(main)` with one-line errors;
+* `console`: TensorFlow's and absl's INFO logging off unless asked for;
 * `distribute`: the `tf.distribute` strategy from `--strategy`;
 * `workdirs`: the run directory (creation, lock, resolved config, atomic JSON);
 * `data`: TFDS loading with one-line errors;

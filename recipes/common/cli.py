@@ -2,7 +2,8 @@
 
 Every recipe's `__main__` defines its own flags (`--workdir`, `--config`, ...)
 and calls `run(main)`; the flags defined here (`--strategy`, `--cpu_devices`,
-`--tpu`, `--deterministic`) come with it. User mistakes (`RecipeError`, bad
+`--tpu`, `--deterministic`) come with it, and a quiet console (see `console`:
+`--verbosity=0` shows absl's INFO messages). User mistakes (`RecipeError`, bad
 flags, missing files) end the program with one `error: ...` line and exit
 status 2, never a traceback.
 """
@@ -22,7 +23,7 @@ import tensorflow as tf
 from absl import app, flags
 from ml_collections import config_flags
 
-from recipes.common import distribute
+from recipes.common import console, distribute
 from recipes.common.errors import RecipeError
 
 _STRATEGY = flags.DEFINE_enum(
@@ -164,6 +165,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
     """
 
     def wrapped(argv: list[str]) -> Any:
+        console.quiet_logging()
         if _DETERMINISTIC.value:
             tf.config.experimental.enable_op_determinism()
         global _strategy

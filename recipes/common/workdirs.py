@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,16 +55,27 @@ def lock_workdir(path: pathlib.Path) -> None:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        owner = lock.read().strip() or "?"
+        owner = _holder(lock)
         lock.close()
-        raise RecipeError(f"{path} is in use by process {owner}; wait for it to finish "
+        raise RecipeError(f"{path} is in use by {owner}; wait for it to finish "
                           "or pass another --workdir") from None
     lock.seek(0)
     lock.truncate()
     lock.write(str(os.getpid()))
     lock.flush()
     _locks[path] = lock
+
+
+def _holder(lock: Any) -> str:
+    """Who holds `lock`: "process PID" (the holder writes its pid just after taking the
+    lock, so it is read until it is there, for up to a second)."""
+    for _ in range(50):
+        lock.seek(0)
+        pid = lock.read().strip()
+        if pid:
+            return f"process {pid}"
+        time.sleep(0.02)
+    return "another process"
 
 
 @contextlib.contextmanager
@@ -101,6 +113,40 @@ def start_run(config: Any, workdir: str,
     write_json(path / "config.json", config.to_dict())
     keras.utils.set_random_seed(config.seed)
     return path
+
+
+def finished_metrics(config: Any, workdir: str | os.PathLike) -> dict[str, Any] | None:
+    """The metrics of the run that finished in `workdir` (its metrics.json), printed in one
+    line; None if no run finished there (none started, or one was interrupted: it resumes).
+
+    A finished run stays finished: running its command again trains and exports nothing.
+    To train it again on purpose, delete WORKDIR/metrics.json (a new export version is
+    added). `RecipeError` if `config` is not the finished run's (its config.json).
+    """
+    path = pathlib.Path(workdir).expanduser().resolve()
+    if not (path / "metrics.json").is_file():
+        return None
+    metrics = read_json(path / "metrics.json")
+    ran = read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    wanted = json.loads(json.dumps(config.to_dict()))
+    changed = sorted(k for k in ran.keys() | wanted.keys() if ran.get(k) != wanted.get(k))
+    if ran and changed:
+        raise RecipeError(
+            f"{path} holds a finished run with another config (its config.json differs in "
+            f"{', '.join(changed)}); pass another --workdir, or delete "
+            f"{path / 'metrics.json'} to train it again with this config")
+    print(f"{path} is a finished run (to train it again, delete its metrics.json): "
+          f"{result_line(metrics)}", flush=True)
+    return metrics
+
+
+def result_line(metrics: dict[str, Any]) -> str:
+    """A run's metrics.json in one line: its test (else eval, else validation) metrics and
+    its export (the chief's)."""
+    split = next(s for s in ("test", "eval", "validation") if s in metrics)
+    values = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in metrics[split].items())
+    return f"{split} {values}" + (f"; export {metrics['export']}" if "export" in metrics else "")
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:

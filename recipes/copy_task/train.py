@@ -193,7 +193,8 @@ def train_and_evaluate(config: Any, workdir: str,
     checkpoints/, metrics.json (with `peak_rss_mib`, the process's peak resident
     memory), diagnostics.json + gradient_flow.png + forget_gate.png (gradient flow
     and the LSTM's mean forget gate over time, final model) and export/<version>/
-    (the chief only). Rerunning a killed run with the same workdir resumes it.
+    (the chief only). Rerunning a killed run with the same workdir resumes it; rerunning a
+    finished one returns its metrics.json (see `workdirs.finished_metrics`).
     `strategy` (default: the current one) replicates the model; the config's batch
     size is the global batch.
 
@@ -205,6 +206,8 @@ def train_and_evaluate(config: Any, workdir: str,
     if config.chrono and not config.cell.startswith("lstm"):
         raise errors.RecipeError(f"--config.chrono=True needs --config.cell=lstm "
                                  f"(got {config.cell!r})")
+    if (finished := workdirs.finished_metrics(config, workdir)) is not None:
+        return finished
     strategy = strategy or tf.distribute.get_strategy()
     workdir = workdirs.start_run(config, workdir, strategy)
 
@@ -269,7 +272,5 @@ def train_and_evaluate(config: Any, workdir: str,
     metrics["wall_seconds"] = round(time.time() - start, 1)
     workdirs.write_json(workdir / "metrics.json", metrics)
     workdirs.unlock_workdir(workdir)
-    logging.info("held-out loss %.4f (baseline %.4f), copied-symbol accuracy %.4f; exported to %s",
-                 evaluation["loss"], baseline, evaluation["copied_accuracy"],
-                 metrics.get("export"))
+    print(workdirs.result_line(metrics))
     return metrics

@@ -159,7 +159,8 @@ def train_and_evaluate(config: Any, workdir: str,
 
     Writes to `workdir`: config.json, vocab.json, tensorboard/, backup/ (while
     training), checkpoints/, metrics.json and export/<version>/. Rerunning a
-    killed run with the same workdir resumes it (from its last finished epoch).
+    killed run with the same workdir resumes it (from its last finished epoch); rerunning a
+    finished one returns its metrics.json (see `workdirs.finished_metrics`).
     `strategy` (default: the current one) must have one replica: the stateful
     TBPTT layers carry one state per row of the global batch.
 
@@ -174,6 +175,8 @@ def train_and_evaluate(config: Any, workdir: str,
             f"the language model trains with stateful TBPTT, which needs one replica "
             f"(this strategy has {strategy.num_replicas_in_sync}); use --strategy=default or "
             "a single device")
+    if (finished := workdirs.finished_metrics(config, workdir)) is not None:
+        return finished
     # (checked before the workdir is made; built on every start, so layer names stay the same)
     given, embedding = fixed_embedding(config) if config.embedding_from else (None, None)
     train_text, val_text, test_text = input_pipeline.read_splits(config)
@@ -231,6 +234,5 @@ def train_and_evaluate(config: Any, workdir: str,
     metrics["wall_seconds"] = round(time.time() - start, 1)
     workdirs.write_json(workdir / "metrics.json", metrics)
     workdirs.unlock_workdir(workdir)
-    shown = "test" if "test" in metrics else "validation"
-    logging.info("%s %s; exported to %s", shown, metrics[shown], exported)
+    print(workdirs.result_line(metrics))
     return metrics

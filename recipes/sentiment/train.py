@@ -8,7 +8,6 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from absl import logging
 from keras.optimizers.schedules import LearningRateSchedule
 
 from recipes.common import checkpoints, distribute, errors, exports, summaries, workdirs
@@ -82,7 +81,8 @@ def train_and_evaluate(config: Any, workdir: str,
 
     Writes to `workdir`: config.json, vocab.txt, tensorboard/, backup/ (while
     training), checkpoints/, metrics.json and export/<version>/ (the chief
-    only). Rerunning a killed run with the same workdir resumes it.
+    only). Rerunning a killed run with the same workdir resumes it; rerunning a finished
+    one returns its metrics.json (see `workdirs.finished_metrics`).
     `strategy` (default: the current one) replicates the model; the config's
     batch size is the global batch.
 
@@ -97,6 +97,8 @@ def train_and_evaluate(config: Any, workdir: str,
     if config.init_backward_from and not config.init_from:
         raise errors.RecipeError("--config.init_backward_from needs --config.init_from (the "
                                  "forward language model, whose words and embedding it shares)")
+    if (finished := workdirs.finished_metrics(config, workdir)) is not None:
+        return finished
     vocab = None
     if config.init_from and not (pathlib.Path(workdir).expanduser() / "vocab.txt").exists():
         # The language model's words (and a bad init_from is found before the workdir is made;
@@ -159,6 +161,5 @@ def train_and_evaluate(config: Any, workdir: str,
     metrics["wall_seconds"] = round(time.time() - start, 1)
     workdirs.write_json(workdir / "metrics.json", metrics)
     workdirs.unlock_workdir(workdir)
-    logging.info("test accuracy %.4f; exported to %s", metrics["test"]["accuracy"],
-                 metrics.get("export"))
+    print(workdirs.result_line(metrics))
     return metrics
