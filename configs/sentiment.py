@@ -2,14 +2,12 @@
 
 Default (the real recipe):
     python -m recipes.sentiment --workdir=runs/sentiment
-should reach 87.9 % test accuracy, in about 3 minutes on 2 CPU cores with AVX-512 (20 without)
-(README: Results).
+should reach 88 % test accuracy (docs/recipes/sentiment.md: results, with training times).
 
 Variant `zh`: Chinese product reviews (TFDS `chinese_reviews`), every character a token, plus
 their 2- and 3-grams:
     python -m recipes.sentiment --workdir=runs/sentiment_zh --config=configs/sentiment.py:zh
-should reach 84.5 % test accuracy in about 12 minutes on 2 CPU cores without AVX-512 (README:
-Results).
+should reach 84.5 % test accuracy.
 
 Variant `pretrained`: the same model (128 units), its words, embedding and forward LSTM
 from a language model trained on IMDB's text first (configs/language_model.py:imdb):
@@ -19,11 +17,11 @@ and its backward LSTM from a backward language model (configs/language_model.py:
 with `--config.init_backward_from=runs/lm_imdb_backward`.
 
 Variants `ngrams` and `zh_ngrams`: no LSTM, a logistic regression on the hashed token 1- and
-2-grams (characters: 1- to 3-grams) in about a minute; averaged with a Bi-LSTM run by
-`python -m recipes.sentiment ensemble` (README: Results):
+2-grams (characters: 1- to 3-grams); averaged with a Bi-LSTM run by
+`python -m recipes.sentiment ensemble` (docs/recipes/sentiment.md):
     python -m recipes.sentiment --workdir=runs/sentiment_ngrams --config=configs/sentiment.py:ngrams
 
-Variants `smoke` and `zh_smoke` (tests and CI; well under a minute on 2 cores):
+Variants `smoke` and `zh_smoke` (tests and CI: tiny data and model):
     python -m recipes.sentiment --workdir=/tmp/smoke --config=configs/sentiment.py:smoke
 """
 
@@ -46,11 +44,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Text -> tokens.
     config.split = "whitespace"  # "whitespace" (words) or "character" (text without spaces)
     config.ngrams = 1  # > 1: also the token n-grams up to this length (TextVectorization)
-    config.vocab_size = 10000  # 20000: 87.6 % test (90.0 % validation), more overfitting
+    config.vocab_size = 10000  # (more words overfit more)
     config.max_length = 500  # tokens kept from the start of each review
     config.bucket_width = 50  # batches hold reviews of similar length
     # Model: "bilstm"; "ngrams": a logistic regression on the hashed token n-grams (1 to
-    # bag_ngrams tokens, bag_buckets weights; no embedding or LSTM: README, Results); or
+    # bag_ngrams tokens, bag_buckets weights; no embedding or LSTM); or
     # "bilstm_ngrams": the two in one model, their scores added, the n-gram weights learning
     # at ngrams_lr_scale x the learning rate.
     config.model = "bilstm"
@@ -89,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every_steps = 50  # TensorBoard step scalars (0: off)
     # Serving (the SavedModel export, recipes/sentiment/serving.py): fold the embedding into
     # the Bi-LSTM's input projections, a table of vocab_size x 4*lstm_units floats per
-    # direction (faster: README, serving latency); False: computed per request, a smaller export.
+    # direction (faster: docs/deploy.md); False: computed per request, a smaller export.
     config.fold_embedding = True
     # Deployment (`export`): training reviews calibrating the full-integer (int8) model.
     config.calibration_reviews = 1000
@@ -98,7 +96,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
 
     if arg in ("zh", "zh_smoke", "zh_ngrams"):
-        # README: Results has the measurements behind these choices.
         config.dataset = "chinese_reviews"
         config.split = "character"
         config.ngrams = 3  # characters, then their 2- and 3-grams (Chinese words: 1-3 characters)
@@ -113,8 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.epochs = 8  # the checkpoint with the best validation loss is kept
         config.explain_texts = ("我爱中国", "这本书非常好，我很喜欢", "质量太差了，非常失望")
     if arg == "pretrained":
-        # Started from the language model of configs/language_model.py:imdb (README: Starting
-        # from a language model):
+        # Started from the language model of configs/language_model.py:imdb
+        # (docs/recipes/sentiment.md):
         #   python -m recipes.language_model --workdir=runs/lm_imdb \
         #       --config=configs/language_model.py:imdb
         config.init_from = "runs/lm_imdb"
@@ -122,10 +119,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.embedding_dim = 128
     if arg in ("ngrams", "zh_ngrams"):
         config.model = "ngrams"
-        config.learning_rate = 1e-2  # (2e-3: still learning after 10 epochs, 89.84 % test)
+        config.learning_rate = 1e-2  # (2e-3: still learning after 10 epochs)
         config.epochs = 10
     if arg == "ngrams":
-        config.bag_ngrams = 2  # (3: 90.30 % test, 91.24 % validation)
+        config.bag_ngrams = 2  # (3: no better on test)
         config.vocab_size = 100000  # words; the rest are one unknown token
         config.max_length = 2500  # whole reviews (the longest has 2,505 words)
     if arg == "zh_ngrams":

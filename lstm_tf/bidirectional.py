@@ -55,8 +55,7 @@ class Bidirectional(keras.layers.Bidirectional):
     concatenation's inputs the concatenation's scale and zero point without
     requantizing: the fused LSTM op keeps computing at its own (its state's) and
     the backward output's flip copies bytes, so both halves would be read with
-    the wrong zero point (measured: a bias of 0.16 on every output of the
-    sentiment model). The added ADD is where the int8 model requantizes.
+    the wrong zero point. The added ADD is where the int8 model requantizes.
     """
 
     def call(self, sequences: Any, initial_state: Any = None, mask: Any = None,

@@ -1,14 +1,14 @@
 """The fused LSTM sequence path: the same maths as `LSTMCell`, fewer, cheaper ops.
 
 What it does to be fast on a CPU (the speed it reaches against `keras.layers.LSTM` and
-`torch.nn.LSTM` is in the README; `benchmarks/lstm_throughput.py` measures it):
+`torch.nn.LSTM`: `benchmarks/lstm_throughput.py`, docs/benchmarks.md):
 
 * The input projection x_t·W of every step is one large matmul before the
   loop (time-major, 2-D); only h_{t-1}·U (and the bias) stays inside it.
 * The loops are compiled by XLA (`tf.function(jit_compile=True)`), which
   fuses each step's element-wise work into a few passes instead of a dozen
-  TensorFlow ops, each with its own dispatch (the per-step op overhead is what
-  made a plain `tf.while_loop` no faster than Keras); one sigmoid over all
+  TensorFlow ops, each with its own dispatch (per-step op overhead, not
+  arithmetic, is what a plain `tf.while_loop` spends its time on); one sigmoid over all
   four gates (tanh(z) = 2σ(2z) - 1 for the candidate).
 * A hand-written gradient (`tf.custom_gradient`) for the whole recurrence: the
   forward loop keeps the gate activations it computed anyway; the backward
@@ -77,7 +77,7 @@ def _bucketed_recurrence(xw, steps, lengths, h0, c0, recurrent_kernel, bias):
         dz, dh0, dc0, d_bias = compiled.backward(
             d_hs, d_h, d_c, steps, lengths, cs, gates, c0, recurrent_kernel)
         # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
-        # MatMul measured faster for it).
+        # MatMul is the faster one for it).
         m = h0.shape[-1]
         h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
         d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
@@ -103,7 +103,7 @@ def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
     """All hidden states of one LSTM, and its final cell state, for inference.
 
     One compiled function does it all, the input projection included (XLA's
-    matmul measured faster than TensorFlow's here), and keeps nothing; the time
+    matmul is the faster one here), and keeps nothing; the time
     axis is padded to a multiple of `TIME_BUCKET` steps (the loop stops at the
     real length), so that sequences of any length share a few compilations.
     A gradient, if asked for, goes through the training path.
@@ -177,7 +177,7 @@ def _infer(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
            c0: tf.Tensor, recurrent_kernel: tf.Tensor, bias: tf.Tensor, steps: tf.Tensor,
            final_cell: bool) -> tuple:
     """`inference`'s compiled body: `(H [B, T, M], C [B, M])`, the loop run `steps` times."""
-    # Batch-major: x·W as one 2-D matmul (an einsum to time-major measured 1.6x slower).
+    # Batch-major: x·W as one 2-D matmul (faster than an einsum to time-major).
     xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
                     tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))
 
@@ -271,8 +271,8 @@ def _step(x_w: tf.Tensor, h: tf.Tensor, c: tf.Tensor, recurrent_kernel: tf.Tenso
     m = h.shape[-1]
     z = x_w + tf.matmul(h, recurrent_kernel) + bias
     # One sigmoid over all four gates (one fused pass): tanh(z) = 2σ(2z) - 1
-    # for the candidate C̃. (Separate sigmoid/tanh calls on the slices of z
-    # measured 1.5x slower for the whole forward pass.)
+    # for the candidate C̃ (one pass instead of separate sigmoid and tanh calls
+    # on the slices of z).
     scale = tf.repeat(tf.constant([1, 1, 2, 1], z.dtype), m)
     gates = tf.sigmoid(z * scale) * scale - (scale - 1)
     i, f, candidate, o = (gates[:, j * m:(j + 1) * m] for j in range(4))
@@ -442,7 +442,7 @@ def _training(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
     # Time-major and padded to a bucket of lengths (zero steps too: tf.distribute
     # feeds `(0, 0, features)` batches to replicas without data in a step, and XLA
     # cannot compile an empty loop's arrays), then x_t·W for all steps as one 2-D
-    # matmul (its gradients too; `einsum` measured slower here).
+    # matmul (its gradients too; faster than `einsum`).
     x = tf.pad(tf.transpose(x, [1, 0, 2]), [[0, _bucketed(steps) - steps], [0, 0], [0, 0]])
     xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
                     tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))

@@ -16,8 +16,8 @@ import tempfile
 from absl import flags
 from absl import logging as absl_logging
 
-# What TensorFlow's C++ code logs while it loads, before TF_CPP_MIN_LOG_LEVEL applies
-# (https://github.com/tensorflow/tensorflow/issues/100442): INFO lines, and absl's notice.
+# What TensorFlow's C++ code logs while it loads, whatever TF_CPP_MIN_LOG_LEVEL says:
+# INFO lines, and absl's notice that logging is not initialized yet.
 _LOADING_NOISE = re.compile(r"I\d{4} |WARNING: All log messages before absl::InitializeLog\(\)")
 
 

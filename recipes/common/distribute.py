@@ -32,7 +32,7 @@ def make_strategy(name: str, cpu_devices: int = 0, tpu: str = "") -> tf.distribu
     if name == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
             raise RecipeError("--strategy=multi_worker needs the cluster in TF_CONFIG "
-                              "(README: Distributed training)")
+                              "(docs/distributed.md)")
         return _MultiWorkerMirroredStrategy()
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
