@@ -16,8 +16,8 @@ down whichever contender runs next); the tables give medians over the rounds and
 GFLOP/s counts the LSTM matmuls (3x the forward's for a training step), against this machine's
 float32 matmul rate measured in the same run (a 2048x2048 product in TensorFlow). Peak memory:
 one training step (B=64, T=1000, 128 -> 256 units) per contender, each in a fresh process: the
-peak of TensorFlow's CPU allocator where it keeps statistics, else the growth of the peak
-resident set.
+peak of TensorFlow's CPU allocator where it keeps statistics (not for torch), else the growth of
+the peak resident set.
 
 `--main_job`: the training step of `python -m recipes.sentiment` (default config) on real IMDB
 batches as the recipe builds them (bucketed by length, right-padded, masked): the recipe's
@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -228,8 +228,7 @@ def peak_memory(names: list[str], steps: int = 1000, units: int = 256) -> None:
                               "--steps", str(steps), "--units", str(units)],
                              capture_output=True, text=True, check=True).stdout
         value, method = out.strip().splitlines()[-1].split()
-        how = ("TF CPU allocator peak" if method == "allocator"
-               else "peak RSS growth (no allocator statistics on this CPU)")
+        how = "TF CPU allocator peak" if method == "allocator" else "peak RSS growth"
         print(f"| {name} | {float(value):.0f} MiB | {how} |", flush=True)
 
 
@@ -248,6 +247,8 @@ def memory_child(name: str, steps: int, units: int) -> None:
         name, units, x, mask)
     train()  # trace
     try:
+        if name.startswith("torch"):  # (TensorFlow's allocator does not see torch's memory)
+            raise ValueError
         tf.config.experimental.reset_memory_stats("CPU:0")
     except ValueError:
         before = _resident_mib()

@@ -12,6 +12,12 @@ from lstm_tf import conversion
 from lstm_tf import fused as fused_lib
 from lstm_tf.cell import LSTMCell
 
+# `fused="auto"` trains on the step loop in this range of units, where each step's h·U is
+# big enough that TensorFlow's own matmul kernel (the step loop's) beats the one inside
+# XLA's loop, and the loop small enough that the step loop's per-op overhead does not
+# dominate (docs/benchmarks.md). Elsewhere, and always at inference, the fused path.
+STEP_LOOP_TRAINING_UNITS = range(128, 256)
+
 # Every `LSTMCell` constructor argument after `units` (not `**kwargs`).
 _CELL_ARGS = tuple(inspect.signature(LSTMCell.__init__).parameters)[2:-1]
 
@@ -35,10 +41,12 @@ class LSTM(keras.layers.RNN):
             fixed batch size); clear it with `reset_state()`.
         unroll: Unroll the step loop (short sequences only).
         fused: `"auto"` (default) runs the fused path (`lstm_tf.fused`: the
-            recurrence compiled by XLA, a hand-written gradient) wherever it
-            applies, the step-by-step `LSTMCell` loop elsewhere; `False` always
-            runs the step loop; `True` is `"auto"` that raises if the fused path
-            does not apply. It applies to the plain cell (no variant) with
+            recurrence compiled by XLA, a hand-written gradient) where it
+            applies: at inference, and in training except from 128 to 255
+            units (`STEP_LOOP_TRAINING_UNITS`, where the step loop trains
+            faster); the step-by-step `LSTMCell` loop elsewhere. `False`
+            always runs the step loop; `True` the fused path wherever it
+            applies (and raises where it does not). It applies to the plain cell (no variant) with
             `activation="tanh"`, `recurrent_activation="sigmoid"`,
             `unroll=False` and, in training, `recurrent_dropout=0`; with any
             mask. Both paths compute the same function
@@ -116,7 +124,9 @@ class LSTM(keras.layers.RNN):
 
     def uses_fused_path(self, training: bool = True) -> bool:
         """Whether calls run on the fused path (`training`: training calls, else inference)."""
-        return self.can_fuse(training)
+        if not self.can_fuse(training):
+            return False
+        return self.fused is True or not training or self.units not in STEP_LOOP_TRAINING_UNITS
 
     def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool = False) -> tuple:
