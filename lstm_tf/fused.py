@@ -74,20 +74,27 @@ def _bucketed_recurrence(xw, steps, lengths, h0, c0, recurrent_kernel, bias):
     h, c = (final_state(s, lengths, s0) for s, s0 in ((hs, h0), (cs, c0)))
 
     def grad(d_hs, d_h, d_c):
-        dz, dh0, dc0, d_bias = compiled.backward(
-            d_hs, d_h, d_c, steps, lengths, cs, gates, c0, recurrent_kernel)
-        # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
-        # MatMul is the faster one for it).
-        m = h0.shape[-1]
-        h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
-        d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
-        # Hand dz on (to the gradients of x and W) only after that matmul: run at
-        # the same time, the matmuls compete for the same cores.
-        with tf.control_dependencies([d_kernel]):
-            dz = tf.identity(dz)
-        return dz, None, None, dh0, dc0, d_kernel, d_bias
+        return _recurrence_gradient(d_hs, d_h, d_c, steps, lengths, hs, cs, gates, h0, c0,
+                                    recurrent_kernel)
 
     return (hs, h, c), grad
+
+
+def _recurrence_gradient(d_hs, d_h, d_c, steps, lengths, hs, cs, gates, h0, c0,
+                         recurrent_kernel) -> tuple:
+    """`_bucketed_recurrence`'s gradients `(dxw, None, None, dh0, dc0, dU, db)`."""
+    dz, dh0, dc0, d_bias = _compiled(h0.shape[-1]).backward(
+        d_hs, d_h, d_c, steps, lengths, cs, gates, c0, recurrent_kernel)
+    # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
+    # MatMul is the faster one for it).
+    m = h0.shape[-1]
+    h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
+    d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
+    # Hand dz on (to the gradients of x and W) only after that matmul: run at
+    # the same time, the matmuls compete for the same cores.
+    with tf.control_dependencies([d_kernel]):
+        dz = tf.identity(dz)
+    return dz, None, None, dh0, dc0, d_kernel, d_bias
 
 
 def _first_steps(hs: tf.Tensor, steps: tf.Tensor) -> tf.Tensor:
@@ -153,22 +160,21 @@ def _differentiable_inference(final_cell: bool) -> Any:
         hs, c = forward(*_unwatched(x, kernel, lengths, h0, c0, recurrent_kernel, bias), steps)
 
         def grad(d_hs, d_c):  # noqa: ANN001, ANN202
-            # The training path: its forward loop, kept gates and backward loop.
+            # The training path's forward loop, kept gates and backward loop (called
+            # directly: a SavedModel cannot keep a custom gradient nested in this one).
             d_hs = tf.zeros_like(hs) if d_hs is None else d_hs
             d_c = tf.zeros_like(c) if d_c is None else d_c
-            weights = [x, kernel, h0, c0, recurrent_kernel, bias]
-            with tf.GradientTape() as tape:
-                tape.watch(weights)
-                xw = tf.einsum("btd,dg->tbg", x, kernel)
-                hs_t, _, c_t = recurrence(xw, lengths, h0, c0, recurrent_kernel, bias)
-                # Without `final_cell`, `c` is C_0 itself: its gradient goes straight to c0.
-                # (The products with the outputs' gradients, as one target: a list of
-                # targets with `output_gradients` gave wrong gradients here.)
-                total = tf.reduce_sum(tf.transpose(hs_t, [1, 0, 2]) * d_hs) + tf.reduce_sum(
-                    (c_t if final_cell else c0) * d_c)
-            dx, d_kernel, dh0, dc0, d_recurrent, d_bias = tape.gradient(
-                total, weights, unconnected_gradients="zero")
-            return dx, d_kernel, None, dh0, dc0, d_recurrent, d_bias, None
+            # Without `final_cell`, `c` is C_0 itself: its gradient goes straight to c0.
+            d_final, d_c0 = (d_c, 0.0) if final_cell else (tf.zeros_like(d_c), d_c)
+            xw = tf.einsum("btd,dg->tbg", x, kernel)  # (x is padded to a bucket already)
+            hs_t, cs, gates = compiled.forward(xw, tf.shape(xw)[0], h0, c0, recurrent_kernel,
+                                               bias)
+            dz, _, _, dh0, dc0, d_recurrent, d_bias = _recurrence_gradient(
+                tf.transpose(d_hs, [1, 0, 2]), tf.zeros_like(h0), d_final, tf.shape(xw)[0],
+                lengths, hs_t, cs, gates, h0, c0, recurrent_kernel)
+            dx = tf.einsum("tbg,dg->btd", dz, kernel)
+            d_kernel = tf.einsum("btd,tbg->dg", x, dz)
+            return dx, d_kernel, None, dh0, dc0 + d_c0, d_recurrent, d_bias, None
 
         return (hs, c), grad
 
@@ -497,16 +503,20 @@ def reverse_real_steps(x: tf.Tensor, lengths: tf.Tensor) -> tf.Tensor:
     """`[B, T, ...]` with each sequence's first `lengths` steps reversed, the rest in place.
 
     `tf.reverse_sequence` as a gather, the faster kernel here; the gradient is the
-    same permutation (its own inverse) of the output's gradient.
+    same permutation (its own inverse) of the output's gradient. (The gradient
+    uses the inputs only, so that a SavedModel can keep it.)
     """
-    t = tf.range(tf.shape(x)[1])[None]
-    lengths = tf.cast(lengths, tf.int32)[:, None]
-    order = tf.where(t < lengths, lengths - 1 - t, t)
-
     def grad(dy: tf.Tensor) -> tuple:
-        return tf.gather(dy, order, axis=1, batch_dims=1), None
+        return tf.gather(dy, _reversal(lengths, tf.shape(dy)[1]), axis=1, batch_dims=1), None
 
-    return tf.gather(x, order, axis=1, batch_dims=1), grad
+    return tf.gather(x, _reversal(lengths, tf.shape(x)[1]), axis=1, batch_dims=1), grad
+
+
+def _reversal(lengths: tf.Tensor, steps: tf.Tensor) -> tf.Tensor:
+    """`[B, T]` step indices: the first `lengths` reversed, the rest in place."""
+    t = tf.range(steps)[None]
+    lengths = tf.cast(lengths, tf.int32)[:, None]
+    return tf.where(t < lengths, lengths - 1 - t, t)
 
 
 def right_padded_lengths(mask: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
