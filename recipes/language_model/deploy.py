@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from recipes.common import deploy, exports, workdirs
+from recipes.common import deploy, exports
 from recipes.common import language_models as models
 from recipes.common.errors import RecipeError
 from recipes.common.text import standardize_str
@@ -35,30 +35,24 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
             "(a segmentation fault) running a full-integer LSTM whose state is a model "
             "input; tflite_dynamic has int8 weights")
     path, config, vocab = models.finished_run(workdir)
-    with workdirs.locked(path):
-        out = path / "deploy"
-        out.mkdir(exist_ok=True)
+    names = output_names(config)
+
+    def to_onnx() -> bytes:
+        model = models.trained_step_model(config, vocab, path)
+        return deploy.onnx(deploy.named_outputs(model, names), [
+            tf.TensorSpec(i.shape, i.dtype, name=i.name) for i in model.inputs])
+
+    def to_tflite(quantization: str) -> bytes:
         streaming = models.trained_step_model(config, vocab, path, batch_size=1, steps=1,
                                               masked=False)
-        names = output_names(config)
-        written = {}
-        for name in formats:
-            if name == "onnx":
-                model = models.trained_step_model(config, vocab, path)
-                content = deploy.onnx(deploy.named_outputs(model, names), [
-                    tf.TensorSpec(i.shape, i.dtype, name=i.name) for i in model.inputs])
-            else:
-                content = deploy.tflite(streaming, name.removeprefix("tflite").removeprefix("_"),
-                                        output_names=names)
-                deploy.check_builtin(name, content)
-            written[name] = deploy.write(content, out / deploy.FILES[name])
-        deploy.write(json.dumps(vocab, ensure_ascii=False).encode("utf-8"), out / "vocab.json")
-        settings = {k: config[k] for k in SETTINGS}
-        settings["standardize"] = config.get("standardize", "")
-        settings["reverse"] = config.get("reverse", False)  # (true: reads text backwards)
-        deploy.write(json.dumps(settings, indent=2, ensure_ascii=False).encode("utf-8"),
-                     out / "tokenizer.json")
-    return written
+        return deploy.tflite(streaming, quantization, output_names=names)
+
+    settings = {k: config[k] for k in SETTINGS}
+    settings["standardize"] = config.get("standardize", "")
+    settings["reverse"] = config.get("reverse", False)  # (true: reads text backwards)
+    files = {"vocab.json": json.dumps(vocab, ensure_ascii=False).encode("utf-8"),
+             "tokenizer.json": json.dumps(settings, indent=2, ensure_ascii=False).encode("utf-8")}
+    return deploy.export(path, formats, to_onnx, to_tflite, lambda: files)
 
 
 def output_names(config: Any) -> list[str]:
