@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from recipe_testing import assert_one_line_error, run_recipe
 
-from recipes.common import deploy
+from recipes.common import deploy, language_models
 from recipes.common.errors import RecipeError
 
 TEXTS = ["", "   \t\n", "great " * 600, "我爱中国", "😀🎬👍", "A wonderful, moving film.",
@@ -118,8 +118,8 @@ def test_language_model_streams_as_the_step_model_and_generates_as_the_export(
 
     written = language_model_deployed
     _assert_fused_builtins_only(written["tflite"])
-    path, config, vocab = lm_deploy.finished_run(str(language_model_run))
-    step = lm_deploy.trained_step_model(config, vocab, path)
+    path, config, vocab = language_models.finished_run(str(language_model_run))
+    step = language_models.trained_step_model(config, vocab, path)
     text = "First Citizen:\nBefore we proceed any further, hear me speak."
     streamers = [lm_deploy.Streamer(written[name]) for name in ("tflite", "onnx")]
     ids = streamers[0].ids(text)
@@ -142,8 +142,8 @@ def test_language_model_onnx_takes_padded_batches(language_model_run, language_m
     from recipes.language_model import deploy as lm_deploy
 
     model = deploy.Model(language_model_deployed["onnx"])
-    path, config, vocab = lm_deploy.finished_run(str(language_model_run))
-    step = lm_deploy.trained_step_model(config, vocab, path)
+    path, config, vocab = language_models.finished_run(str(language_model_run))
+    step = language_models.trained_step_model(config, vocab, path)
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, len(vocab) + 1, size=(3, 9)).astype(np.int32)
     mask = np.arange(9)[None] < np.array([9, 4, 1])[:, None]

@@ -19,9 +19,9 @@ from recipe_testing import (
 )
 
 from configs import language_model as lm_config
+from recipes.common import language_models as models
 from recipes.common.errors import RecipeError
 from recipes.language_model import input_pipeline, sampling, train
-from recipes.language_model import model as models
 
 PTB = ROOT.parent / "shared" / "data" / "ptb"
 

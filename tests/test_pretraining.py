@@ -15,11 +15,10 @@ from recipe_testing import ROOT, parse_config, wait_until
 
 from configs import language_model as lm_config
 from configs import sentiment as sentiment_config
-from recipes.common import checkpoints, data
+from recipes.common import checkpoints, data, language_models
 from recipes.common.errors import RecipeError
 from recipes.language_model import deploy as lm_deploy
 from recipes.language_model import input_pipeline as lm_input
-from recipes.language_model import model as lm_model
 from recipes.language_model import train as lm_train
 from recipes.sentiment import deploy as sentiment_deploy
 from recipes.sentiment import input_pipeline, pretrained, train
@@ -107,9 +106,9 @@ def test_backward_language_model_trains_on_the_forward_embedding(lm_imdb_run,
     """`embedding_from`: the forward model's vocabulary and embedding, unchanged by training;
     the LSTM and the output layer are its own."""
     (_, forward_cfg, forward_vocab), (_, backward_cfg, backward_vocab) = (
-        lm_deploy.finished_run(str(run)) for run in (lm_imdb_run, lm_imdb_backward_run))
+        language_models.finished_run(str(run)) for run in (lm_imdb_run, lm_imdb_backward_run))
     assert backward_vocab == forward_vocab and backward_cfg.reverse
-    forward, backward = (lm_deploy.trained_step_model(c, v, run) for c, v, run in (
+    forward, backward = (language_models.trained_step_model(c, v, run) for c, v, run in (
         (forward_cfg, forward_vocab, lm_imdb_run),
         (backward_cfg, backward_vocab, lm_imdb_backward_run)))
     for name in ("embedding", "lstm0", "logits"):
@@ -161,7 +160,7 @@ def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_pa
     backward_before = bidirectional.backward_layer.get_weights()
     pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
 
-    lm = lm_deploy.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
+    lm = language_models.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
     lm_lookup = lm_input.make_lookup(lm_cfg, lm_vocab)
     words = ["the", "movie", "bad", vocab[-1], "qwertyuiop"]  # the last: unknown to both
     (embedding,) = embedding_layer.get_weights()
@@ -206,19 +205,19 @@ def test_fine_tuning_starts_from_the_language_models_and_resumes_without_them(
     metrics = train.train_and_evaluate(config, str(workdir))
     assert metrics["export"] == str(workdir / "export" / "1")
 
-    _, lm_cfg, lm_vocab = lm_deploy.finished_run(str(lm_imdb_run))
+    _, lm_cfg, lm_vocab = language_models.finished_run(str(lm_imdb_run))
     vocab = (workdir / "vocab.txt").read_text(encoding="utf-8").split("\n")
     assert vocab == pretrained.vocabulary(lm_vocab, config.vocab_size)
     model = sentiment_deploy.token_model(config, workdir)  # the run's best checkpoint
-    lm_model = lm_deploy.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
+    lm_model = language_models.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
     embedding_layer, bidirectional = models.first_layers(model)
     (embedding,) = embedding_layer.get_weights()
     (lm_embedding,) = lm_model.get_layer("embedding").get_weights()
     np.testing.assert_allclose(embedding[2:len(vocab) + 2],
                                lm_embedding[[lm_vocab.index(t) + 1 for t in vocab]], atol=1e-6)
-    _, backward_cfg, backward_vocab = lm_deploy.finished_run(str(lm_imdb_backward_run))
-    backward_model = lm_deploy.trained_step_model(backward_cfg, backward_vocab,
-                                                  lm_imdb_backward_run)
+    _, backward_cfg, backward_vocab = language_models.finished_run(str(lm_imdb_backward_run))
+    backward_model = language_models.trained_step_model(backward_cfg, backward_vocab,
+                                                        lm_imdb_backward_run)
     for layer, source in ((bidirectional.forward_layer, lm_model),
                           (bidirectional.backward_layer, backward_model)):
         for ours, theirs in zip(layer.get_weights(), source.get_layer("lstm0").get_weights(),
@@ -242,8 +241,8 @@ def test_init_backward_from_starts_the_backward_lstm(lm_imdb_run, lm_imdb_backwa
     units = config.lstm_units
     for run, position, half in ((lm_imdb_run, -1, slice(0, units)),
                                 (lm_imdb_backward_run, 0, slice(units, 2 * units))):
-        _, lm_cfg, lm_vocab = lm_deploy.finished_run(str(run))
-        lm = lm_deploy.trained_step_model(lm_cfg, lm_vocab, run)
+        _, lm_cfg, lm_vocab = language_models.finished_run(str(run))
+        lm = language_models.trained_step_model(lm_cfg, lm_vocab, run)
         ids = lm_input.make_lookup(lm_cfg, lm_vocab)(lm_input.tokenize(
             tf.constant([text]), lm_cfg.level, lm_cfg.standardize)[0]).numpy()
         ids = ids[::-1] if lm_cfg.reverse else ids
@@ -268,8 +267,9 @@ def test_init_backward_from_a_language_model_that_does_not_fit(lm_imdb_run, lm_i
         assert not (tmp_path / "w").exists()
     other = tmp_path / "other_lm"  # the same LM, its embedding changed
     shutil.copytree(lm_imdb_run, other)
-    _, lm_cfg, lm_vocab = lm_deploy.finished_run(str(other))
-    training = lm_model.create_model(lm_cfg, len(lm_vocab) + 1, batch_size=lm_cfg.batch_size)
+    _, lm_cfg, lm_vocab = language_models.finished_run(str(other))
+    training = language_models.create_model(lm_cfg, len(lm_vocab) + 1,
+                                            batch_size=lm_cfg.batch_size)
     training.load_weights(checkpoints.best_checkpoint(other))
     layer = training.get_layer("embedding")
     layer.set_weights([layer.get_weights()[0] + 0.01])
@@ -366,7 +366,7 @@ def test_deployed_language_model_tokenizes_as_its_export(lm_imdb_run):
     """The deployed LM's Python tokenization (`Streamer.ids`) = the export's in-graph one."""
     written = lm_deploy.export(str(lm_imdb_run), ["tflite"])
     streamer = lm_deploy.Streamer(written["tflite"])
-    _, config, vocab = lm_deploy.finished_run(str(lm_imdb_run))
+    _, config, vocab = language_models.finished_run(str(lm_imdb_run))
     text = "This MOVIE<br />was great!!! Really, truly\ngreat... (qwertyuiop)"
     lookup = lm_input.make_lookup(config, vocab)
     expected = lookup(lm_input.tokenize(tf.constant([text]), config.level,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import functools
 import os
+import pathlib
 import re
 import sys
 import traceback
@@ -113,6 +114,16 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
 def strategy_from_flags() -> tf.distribute.Strategy:
     """The strategy that `run` made from `--strategy` (the default one outside `run`)."""
     return _strategy or tf.distribute.get_strategy()
+
+
+def print_export(export: Callable[[str, list[str]], dict[str, pathlib.Path]], workdir: str,
+                 formats: list[str]) -> None:
+    """The `export` command: `export(workdir, formats)` (a recipe's `deploy.export`), then a
+    line per model written: its format, size and path."""
+    if not workdir:
+        raise RecipeError("export needs --workdir=WORKDIR (a finished run)")
+    for name, path in export(workdir, formats).items():
+        print(f"{name}\t{path.stat().st_size / 2**20:.2f} MiB\t{path}")
 
 
 def _exit_with(message: str) -> None:

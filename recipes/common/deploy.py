@@ -1,6 +1,6 @@
 """Deployment formats of a trained model: TFLite (float, dynamic-range, int8) and ONNX.
 
-Every recipe writes them with `write(...)` into `WORKDIR/deploy/` from a Keras
+Every recipe writes them with `export(...)` into `WORKDIR/deploy/` from a Keras
 model that takes token ids (tokenization stays outside: TFLite's built-in ops
 and ONNX have no string ops), and runs any of them with `load(path)`, which
 needs only LiteRT (`ai-edge-litert`) or onnxruntime at run time.
@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from lstm_tf import conversion
-from recipes.common import checkpoints, exports
+from recipes.common import checkpoints, exports, workdirs
 from recipes.common.errors import RecipeError
 
 FILES = {"tflite": "model.tflite", "tflite_dynamic": "model_dynamic.tflite",
@@ -146,6 +146,34 @@ def onnx(function: Callable[..., Any], input_signature: list[tf.TensorSpec]) -> 
     """`function` of tensors as a serialized ONNX model (tf2onnx, ONNX LSTM ops)."""
     optional("tf2onnx")
     return conversion.to_onnx(function, input_signature, opset=ONNX_OPSET).SerializeToString()
+
+
+def export(path: pathlib.Path, formats: list[str], to_onnx: Callable[[], bytes],
+           to_tflite: Callable[[str], bytes],
+           files: Callable[[], dict[str, bytes]] | None = None) -> dict[str, pathlib.Path]:
+    """Writes the `formats` of the run in `path` into `path/deploy/`, then the files the
+    models need beside them; returns the models' paths.
+
+    `path`: a finished run (`finished_workdir`), locked meanwhile; `formats`: checked
+    (`check_formats`). The recipe converts its model: `to_onnx()` to ONNX (with `onnx`),
+    `to_tflite(quantization)` to TFLite (with `tflite`: quantization "", "dynamic" or
+    "int8"), which must hold built-in ops only (`check_builtin`). `files()`: `{name: content}` to
+    ship beside the models (the vocabulary, the tokenizer's settings).
+    """
+    with workdirs.locked(path):
+        out = path / "deploy"
+        out.mkdir(exist_ok=True)
+        written = {}
+        for name in formats:
+            if name == "onnx":
+                content = to_onnx()
+            else:
+                quantization = name.removeprefix("tflite").removeprefix("_")
+                content = check_builtin(name, to_tflite(quantization))
+            written[name] = write(content, out / FILES[name])
+        for name, content in (files() if files else {}).items():
+            write(content, out / name)
+    return written
 
 
 def write(content: bytes, path: pathlib.Path) -> pathlib.Path:

@@ -115,6 +115,19 @@ def start_run(config: Any, workdir: str,
     return path
 
 
+def finish_run(workdir: pathlib.Path, metrics: dict[str, Any], start: float,
+               train_seconds: float) -> dict[str, Any]:
+    """Ends a run: adds its times to `metrics` (`start`: when its `train_and_evaluate` began,
+    a `time.time()`), writes them to metrics.json (from then on the run is finished:
+    `finished_metrics`), releases the workdir and prints `result_line`. Returns `metrics`."""
+    metrics["train_seconds"] = round(train_seconds, 1)
+    metrics["wall_seconds"] = round(time.time() - start, 1)
+    write_json(workdir / "metrics.json", metrics)
+    unlock_workdir(workdir)
+    print(result_line(metrics))
+    return metrics
+
+
 def finished_metrics(config: Any, workdir: str | os.PathLike) -> dict[str, Any] | None:
     """The metrics of the run that finished in `workdir` (its metrics.json), printed in one
     line; None if no run finished there (none started, or one was interrupted: it resumes).

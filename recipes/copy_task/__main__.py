@@ -44,10 +44,7 @@ def main(argv: list[str]) -> None:
     elif command == ["export"]:
         from recipes.copy_task import deploy as copy_deploy
 
-        if not _WORKDIR.value:
-            raise errors.RecipeError("export needs --workdir=WORKDIR (a finished run)")
-        for name, path in copy_deploy.export(_WORKDIR.value, _FORMAT.value).items():
-            print(f"{name}\t{path.stat().st_size / 2**20:.2f} MiB\t{path}")
+        cli.print_export(copy_deploy.export, _WORKDIR.value, _FORMAT.value)
     elif command == ["predict"]:
         from recipes.copy_task import deploy as copy_deploy
 

@@ -49,21 +49,13 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
     """Writes the `formats` of `workdir`'s model into `workdir/deploy/`; returns their paths."""
     formats = deploy.check_formats(formats)
     path, config = finished_run(workdir)
-    with workdirs.locked(path):
-        out = path / "deploy"
-        out.mkdir(exist_ok=True)
-        written = {}
-        for name in formats:
-            if name == "onnx":
-                content = deploy.onnx(deploy.named_outputs(predictions_model(config, path)), [
-                    tf.TensorSpec([None, None], tf.int32, name="inputs")])
-            else:
-                quantization = name.removeprefix("tflite").removeprefix("_")
-                content = deploy.tflite(predictions_model(config, path, batch_size=1),
-                                        quantization, lambda: _calibration(config))
-                deploy.check_builtin(name, content)
-            written[name] = deploy.write(content, out / deploy.FILES[name])
-    return written
+    return deploy.export(
+        path, formats,
+        to_onnx=lambda: deploy.onnx(deploy.named_outputs(predictions_model(config, path)), [
+            tf.TensorSpec([None, None], tf.int32, name="inputs")]),
+        to_tflite=lambda quantization: deploy.tflite(
+            predictions_model(config, path, batch_size=1), quantization,
+            lambda: _calibration(config)))
 
 
 def _calibration(config: Any) -> Any:

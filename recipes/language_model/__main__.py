@@ -62,10 +62,7 @@ def main(argv: list[str]) -> None:
 
     model = _MODEL.value or _EXPORT_DIR.value
     if command == "export":
-        if not _WORKDIR.value:
-            raise errors.RecipeError("export needs --workdir=WORKDIR (a finished run)")
-        for name, path in lm_deploy.export(_WORKDIR.value, _FORMAT.value).items():
-            print(f"{name}\t{path.stat().st_size / 2**20:.2f} MiB\t{path}")
+        cli.print_export(lm_deploy.export, _WORKDIR.value, _FORMAT.value)
     elif not model:
         raise errors.RecipeError(f"{command} needs --model=WORKDIR/export")
     elif command == "sample":

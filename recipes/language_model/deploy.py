@@ -17,31 +17,13 @@ import pathlib
 import re
 from typing import Any
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from recipes.common import checkpoints, deploy, exports, workdirs
+from recipes.common import deploy, exports
+from recipes.common import language_models as models
 from recipes.common.errors import RecipeError
-from recipes.language_model import model as models
-from recipes.sentiment import tokenizer as sentiment_tokenizer
-
-
-def finished_run(workdir: str) -> tuple[pathlib.Path, Any, list[str]]:
-    """A workdir with a trained model, its config and its vocabulary."""
-    path = deploy.finished_workdir(workdir, "language model", "vocab.json")
-    config = ml_collections.ConfigDict(workdirs.read_json(path / "config.json"))
-    return path, config, workdirs.read_json(path / "vocab.json")
-
-
-def trained_step_model(config: Any, vocab: list[str], path: pathlib.Path,
-                       **kwargs: Any) -> Any:
-    """`models.create_step_model(...)` with the run's best weights."""
-    training = models.create_model(config, len(vocab) + 1, batch_size=config.batch_size)
-    training.load_weights(checkpoints.best_checkpoint(path))
-    model = models.create_step_model(config, len(vocab) + 1, **kwargs)
-    model.set_weights(training.get_weights())
-    return model
+from recipes.common.text import standardize_str
 
 
 def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
@@ -52,30 +34,25 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
             "--format=tflite_int8 is not offered for the language model: LiteRT 2.3 crashes "
             "(a segmentation fault) running a full-integer LSTM whose state is a model "
             "input; tflite_dynamic has int8 weights")
-    path, config, vocab = finished_run(workdir)
-    with workdirs.locked(path):
-        out = path / "deploy"
-        out.mkdir(exist_ok=True)
-        streaming = trained_step_model(config, vocab, path, batch_size=1, steps=1, masked=False)
-        names = output_names(config)
-        written = {}
-        for name in formats:
-            if name == "onnx":
-                model = trained_step_model(config, vocab, path)
-                content = deploy.onnx(deploy.named_outputs(model, names), [
-                    tf.TensorSpec(i.shape, i.dtype, name=i.name) for i in model.inputs])
-            else:
-                content = deploy.tflite(streaming, name.removeprefix("tflite").removeprefix("_"),
-                                        output_names=names)
-                deploy.check_builtin(name, content)
-            written[name] = deploy.write(content, out / deploy.FILES[name])
-        deploy.write(json.dumps(vocab, ensure_ascii=False).encode("utf-8"), out / "vocab.json")
-        settings = {k: config[k] for k in SETTINGS}
-        settings["standardize"] = config.get("standardize", "")
-        settings["reverse"] = config.get("reverse", False)  # (true: reads text backwards)
-        deploy.write(json.dumps(settings, indent=2, ensure_ascii=False).encode("utf-8"),
-                     out / "tokenizer.json")
-    return written
+    path, config, vocab = models.finished_run(workdir)
+    names = output_names(config)
+
+    def to_onnx() -> bytes:
+        model = models.trained_step_model(config, vocab, path)
+        return deploy.onnx(deploy.named_outputs(model, names), [
+            tf.TensorSpec(i.shape, i.dtype, name=i.name) for i in model.inputs])
+
+    def to_tflite(quantization: str) -> bytes:
+        streaming = models.trained_step_model(config, vocab, path, batch_size=1, steps=1,
+                                              masked=False)
+        return deploy.tflite(streaming, quantization, output_names=names)
+
+    settings = {k: config[k] for k in SETTINGS}
+    settings["standardize"] = config.get("standardize", "")
+    settings["reverse"] = config.get("reverse", False)  # (true: reads text backwards)
+    files = {"vocab.json": json.dumps(vocab, ensure_ascii=False).encode("utf-8"),
+             "tokenizer.json": json.dumps(settings, indent=2, ensure_ascii=False).encode("utf-8")}
+    return deploy.export(path, formats, to_onnx, to_tflite, lambda: files)
 
 
 def output_names(config: Any) -> list[str]:
@@ -112,7 +89,7 @@ class Streamer:
             tokens = list(text)
         else:
             if self.settings.get("standardize") == "sentiment":
-                text = sentiment_tokenizer.standardize(text)
+                text = standardize_str(text)
             tokens = [t for t in re.split(r"[ \t\n\v\f\r]+", text.replace("\n", " <eos> "))
                       if t]
         return [self.ids_of.get(t, 0) for t in [self.settings["start_token"], *tokens]]

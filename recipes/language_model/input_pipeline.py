@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from recipes.common.data import load_tfds
 from recipes.common.errors import RecipeError
-from recipes.sentiment.input_pipeline import standardize as sentiment_standardize
+from recipes.common.text import standardize as sentiment_standardize
 
 
 def tokenize(text: tf.Tensor, level: str, standardize: str = "") -> tf.RaggedTensor:

@@ -12,8 +12,8 @@ import tensorflow as tf
 from absl import logging
 
 from recipes.common import checkpoints, errors, exports, summaries, workdirs
-from recipes.language_model import deploy, input_pipeline, sampling
-from recipes.language_model import model as models
+from recipes.common import language_models as models
+from recipes.language_model import input_pipeline, sampling
 
 _positive_int = (lambda v: isinstance(v, int) and v > 0, "a positive integer")
 CONFIG_RULES = {
@@ -131,7 +131,7 @@ def fixed_embedding(config: Any) -> tuple[list[str], np.ndarray]:
     `RecipeError` if it is missing or tokenizes, or embeds, differently from `config`.
     """
     try:
-        path, source, vocab = deploy.finished_run(config.embedding_from)
+        path, source, vocab = models.finished_run(config.embedding_from)
     except errors.RecipeError as e:
         raise errors.RecipeError(f"--config.embedding_from={config.embedding_from}: {e}") from None
     for key in ("level", "standardize", "vocab_size", "unknown_token", "embedding_dim"):
@@ -139,7 +139,7 @@ def fixed_embedding(config: Any) -> tuple[list[str], np.ndarray]:
             raise errors.RecipeError(
                 f"--config.{key}={config[key]!r}, but the language model in {path} (which "
                 f"--config.embedding_from names) has {key}={source.get(key, '')!r}")
-    model = deploy.trained_step_model(source, vocab, path)
+    model = models.trained_step_model(source, vocab, path)
     return vocab, model.get_layer("embedding").get_weights()[0]
 
 
@@ -230,9 +230,4 @@ def train_and_evaluate(config: Any, workdir: str,
         metrics["test"] = evaluate(functions, test_text, config.level)
     exported = exports.export_saved_model(lambda path: export(functions, path), workdir)
     metrics["export"] = str(exported)
-    metrics["train_seconds"] = round(train_seconds, 1)
-    metrics["wall_seconds"] = round(time.time() - start, 1)
-    workdirs.write_json(workdir / "metrics.json", metrics)
-    workdirs.unlock_workdir(workdir)
-    print(workdirs.result_line(metrics))
-    return metrics
+    return workdirs.finish_run(workdir, metrics, start, train_seconds)

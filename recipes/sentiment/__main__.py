@@ -75,10 +75,7 @@ def main(argv: list[str]) -> None:
     elif command == "predict":
         sentiment_deploy.print_predictions(_model_flag("predict"), args)
     elif command == "export":
-        if not _WORKDIR.value:
-            raise errors.RecipeError("export needs --workdir=WORKDIR (a finished run)")
-        for name, path in sentiment_deploy.export(_WORKDIR.value, _FORMAT.value).items():
-            print(f"{name}\t{path.stat().st_size / 2**20:.2f} MiB\t{path}")
+        cli.print_export(sentiment_deploy.export, _WORKDIR.value, _FORMAT.value)
     elif command == "ensemble":
         if not _WORKDIR.value:
             raise errors.RecipeError("ensemble needs --workdir=WORKDIR (where to write it)")

@@ -54,29 +54,24 @@ def export(workdir: str, formats: list[str]) -> dict[str, pathlib.Path]:
     """Writes the `formats` of `workdir`'s model into `workdir/deploy/`; returns their paths."""
     formats = deploy.check_formats(formats)
     path, config = finished_run(workdir)
-    with workdirs.locked(path):
-        out = path / "deploy"
-        out.mkdir(exist_ok=True)
+
+    def to_onnx() -> bytes:
+        return deploy.onnx(deploy.named_outputs(token_model(config, path)), [
+            tf.TensorSpec([None, None], tf.int64, name="tokens")])
+
+    def to_tflite(quantization: str) -> bytes:
         tokenizer = Tokenizer.from_run(path, config)
-        one_review = token_model(config, path, batch_size=1, masked=False)
-        written = {}
-        for name in formats:
-            if name == "onnx":
-                model = token_model(config, path)
-                content = deploy.onnx(deploy.named_outputs(model), [
-                    tf.TensorSpec([None, None], tf.int64, name="tokens")])
-            else:
-                quantization = name.removeprefix("tflite").removeprefix("_")
-                content = deploy.tflite(one_review, quantization,
-                                        lambda: _representative(config, tokenizer))
-                deploy.check_builtin(name, content)
-            written[name] = deploy.write(content, out / deploy.FILES[name])
-        deploy.write((path / "vocab.txt").read_bytes(), out / "vocab.txt")
+        return deploy.tflite(token_model(config, path, batch_size=1, masked=False),
+                             quantization, lambda: _representative(config, tokenizer))
+
+    def files() -> dict[str, bytes]:
         empty = float(token_model(config, path)(np.zeros((1, 1), np.int64))[0, 0])
-        deploy.write(json.dumps({"max_length": config.max_length, "split": config.split,
-                                 "ngrams": config.ngrams, "empty_probability": empty},
-                                indent=2).encode(), out / "tokenizer.json")
-    return written
+        settings = {"max_length": config.max_length, "split": config.split,
+                    "ngrams": config.ngrams, "empty_probability": empty}
+        return {"vocab.txt": (path / "vocab.txt").read_bytes(),
+                "tokenizer.json": json.dumps(settings, indent=2).encode()}
+
+    return deploy.export(path, formats, to_onnx, to_tflite, files)
 
 
 def ensemble(models: list[str], workdir: str) -> pathlib.Path:

@@ -12,6 +12,7 @@ import tensorflow as tf
 from recipes.common.data import load_tfds
 from recipes.common.distribute import shard_by_data
 from recipes.common.errors import RecipeError
+from recipes.common.text import standardize
 
 
 def load_splits(config: Any) -> tuple[tf.data.Dataset, tf.data.Dataset, tf.data.Dataset]:
@@ -32,21 +33,6 @@ def load_texts(config: Any, splits: list[str]) -> list[tf.data.Dataset]:
             f"--config.text_feature={config.text_feature!r} / --config.label_feature="
             f"{config.label_feature!r} are not features of {config.dataset!r} (it has {features})"
         ) from None
-
-
-# ASCII punctuation, and the full-width and CJK punctuation of Chinese text (，。！？、：；“”
-# ‘’…—「」《》（）...: the CJK symbols block and the full-width forms of ASCII punctuation).
-PUNCTUATION = (r"[[:punct:]]|[\x{2014}\x{2018}\x{2019}\x{201C}\x{201D}\x{2026}"
-               r"\x{3000}-\x{303F}\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF20}\x{FF3B}-\x{FF40}"
-               r"\x{FF5B}-\x{FF65}]")
-
-
-@keras.saving.register_keras_serializable(package="recipes.sentiment")
-def standardize(text: tf.Tensor) -> tf.Tensor:
-    """Lower case (ASCII), HTML line breaks and punctuation (ASCII, full-width) to spaces."""
-    text = tf.strings.lower(text)
-    text = tf.strings.regex_replace(text, r"<br\s*/?>", " ")
-    return tf.strings.regex_replace(text, PUNCTUATION, " ")
 
 
 @keras.saving.register_keras_serializable(package="recipes.sentiment")

@@ -22,8 +22,8 @@ import keras
 import numpy as np
 from keras.optimizers.schedules import LearningRateSchedule
 
+from recipes.common import language_models
 from recipes.common.errors import RecipeError
-from recipes.language_model import deploy as lm_deploy
 from recipes.sentiment import model as models
 
 EOS = "<eos>"  # the language model's line end: no review's token
@@ -38,7 +38,7 @@ def language_model(config: Any, backward: bool = False) -> tuple[pathlib.Path, A
     flag, variant = ("init_backward_from", "imdb_backward") if backward else ("init_from", "imdb")
     made_by = f"--config=configs/language_model.py:{variant}"
     try:
-        path, lm_config, vocab = lm_deploy.finished_run(config[flag])
+        path, lm_config, vocab = language_models.finished_run(config[flag])
     except RecipeError as e:
         raise RecipeError(f"--config.{flag}={config[flag]}: {e} (make one: python -m "
                           f"recipes.language_model --workdir=DIR {made_by})") from None
@@ -122,7 +122,7 @@ def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
     the language model's id 0; id 0 padding, zeros).
     """
     path, lm_config, lm_vocab = language_model(config)
-    lm = lm_deploy.trained_step_model(lm_config, lm_vocab, path)
+    lm = language_models.trained_step_model(lm_config, lm_vocab, path)
     lm_ids = {token: k + 1 for k, token in enumerate(lm_vocab)}
     missing = [t for t in vocab if t not in lm_ids]
     if missing:
@@ -138,7 +138,7 @@ def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
     first.forward_layer.set_weights(lm.get_layer("lstm0").get_weights())
     if config.init_backward_from:
         path, lm_config, backward_vocab = language_model(config, backward=True)
-        backward = lm_deploy.trained_step_model(lm_config, backward_vocab, path)
+        backward = language_models.trained_step_model(lm_config, backward_vocab, path)
         (backward_embedding,) = backward.get_layer("embedding").get_weights()
         if backward_vocab != lm_vocab or not np.array_equal(backward_embedding, lm_embedding):
             raise RecipeError(

@@ -4,7 +4,8 @@ The same as the export's in-graph `TextVectorization` (`input_pipeline`), so a
 text gets the same ids on a device as in the SavedModel (tested on IMDB):
 
 1. lower case (ASCII letters only, as `tf.strings.lower`);
-2. HTML line breaks (`<br>`, `<br />`) and ASCII punctuation to spaces;
+2. HTML line breaks (`<br>`, `<br />`) and punctuation to spaces (1 and 2:
+   `recipes.common.text.standardize_str`);
 3. tokens: runs of non-space characters (spaces: ASCII ` \\t\\n\\v\\f\\r`);
 4. ids: 0 is padding, 1 an unknown token, and line k (from 0) of `vocab.txt`
    is id k + 2; the first `max_length` ids are kept.
@@ -17,21 +18,12 @@ import pathlib
 import re
 from typing import Any
 
-_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-_BREAK = re.compile(r"<br[\t\n\f\r ]*/?>")  # RE2's \s: [\t\n\f\r ]
-_PUNCTUATION = re.compile(  # POSIX [[:punct:]] in ASCII, and input_pipeline.PUNCTUATION's rest
-    "[!-/:-@\\[-`{-~\u2014\u2018\u2019\u201c\u201d\u2026\u3000-\u303f\uff01-\uff0f"
-    "\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]")
+from recipes.common.text import standardize_str
+
 _SPACES = re.compile(r"[ \t\n\v\f\r]+")
 _CHARACTER_SPACES = " \t\n\f\r"  # RE2's \s, which the character split drops
 
 PADDING, UNKNOWN = 0, 1
-
-
-def standardize(text: str) -> str:
-    """`input_pipeline.standardize` in Python."""
-    text = _BREAK.sub(" ", text.translate(_LOWER))
-    return _PUNCTUATION.sub(" ", text)
 
 
 class Tokenizer:
@@ -58,7 +50,7 @@ class Tokenizer:
 
     def tokens(self, text: str) -> list[str]:
         """The tokens the ids are of (all of them: `ids` keeps the first `max_length`)."""
-        text = standardize(text)
+        text = standardize_str(text)
         if self.split == "character":
             tokens = [c for c in text if c not in _CHARACTER_SPACES]
         else:

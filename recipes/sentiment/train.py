@@ -157,9 +157,4 @@ def train_and_evaluate(config: Any, workdir: str,
         exported = exports.export_saved_model(
             lambda path: export(model, vectorizer, config, path), workdir)
         metrics["export"] = str(exported)
-    metrics["train_seconds"] = round(train_seconds, 1)
-    metrics["wall_seconds"] = round(time.time() - start, 1)
-    workdirs.write_json(workdir / "metrics.json", metrics)
-    workdirs.unlock_workdir(workdir)
-    print(workdirs.result_line(metrics))
-    return metrics
+    return workdirs.finish_run(workdir, metrics, start, train_seconds)

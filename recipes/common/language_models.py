@@ -1,20 +1,28 @@
-"""Token ids → Embedding → stacked lstm_tf.LSTM → logits over the vocabulary (Zaremba et al.).
+"""The language model's network, and a finished run's: shared by the recipe that trains it
+(`recipes.language_model`) and the one that starts from it (`recipes.sentiment.pretrained`).
 
+Token ids → Embedding → stacked lstm_tf.LSTM → logits over the vocabulary (Zaremba et al.).
 Two models with the same weights (`stateless.set_weights(stateful.get_weights())`):
 - the training model, `create_model(config, vocab_size, batch_size=B)`: `[B, time]` ids →
   `[B, time, vocab]` logits, stateful LSTMs (batch k+1 starts from batch k's state);
 - the step model, `create_step_model(config, vocab_size)` (or `create_model` without a batch
   size): ids, a mask and the LSTM states in, logits and the new states out. Scoring,
   generation, the export and the deployed models use it.
+
+`finished_run(workdir)` reads a finished run's config and vocabulary, and
+`trained_step_model(...)` its step model with the best weights.
 """
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import keras
+import ml_collections
 
 import lstm_tf
+from recipes.common import checkpoints, deploy, workdirs
 
 
 def create_model(config: Any, vocab_size: int, batch_size: int | None = None) -> keras.Model:
@@ -83,3 +91,20 @@ def reset_states(model: keras.Model) -> None:
     for layer in model.layers:
         if isinstance(layer, lstm_tf.LSTM) and layer.stateful:
             layer.reset_state()
+
+
+def finished_run(workdir: str) -> tuple[pathlib.Path, Any, list[str]]:
+    """A workdir with a trained language model, its config and its vocabulary."""
+    path = deploy.finished_workdir(workdir, "language model", "vocab.json")
+    config = ml_collections.ConfigDict(workdirs.read_json(path / "config.json"))
+    return path, config, workdirs.read_json(path / "vocab.json")
+
+
+def trained_step_model(config: Any, vocab: list[str], path: pathlib.Path,
+                       **kwargs: Any) -> keras.Model:
+    """`create_step_model(config, len(vocab) + 1, **kwargs)` with the run's best weights."""
+    training = create_model(config, len(vocab) + 1, batch_size=config.batch_size)
+    training.load_weights(checkpoints.best_checkpoint(path))
+    model = create_step_model(config, len(vocab) + 1, **kwargs)
+    model.set_weights(training.get_weights())
+    return model
