@@ -18,7 +18,15 @@ What it does to be fast on a CPU (the speed it reaches against `keras.layers.LST
   recomputes the forward pass).
 * Masks become per-sequence lengths: the loop runs unmasked and the final
   state is taken at each sequence's last real step; the backward direction
-  reads each sequence reversed up to its length (`reverse_real_steps`).
+  reads each sequence reversed up to its length (`reverse_real_steps`). A
+  mask that is not right-padded has each sequence's real steps gathered to the
+  front first (`run`).
+* The backward loop does one element-wise pass and one matmul per step: every
+  factor of the chain rule that does not depend on the next step is computed
+  for all steps at once before it.
+* The time axis is padded to a multiple of `TIME_BUCKET` steps (the loops stop
+  at the real length), so that XLA compiles once per batch size and bucket of
+  lengths rather than once per length.
 * A `Bidirectional`'s two directions are two independent loops in one graph,
   which TensorFlow runs concurrently.
 * For a classifier that mean- and max-pools an LSTM's outputs,
@@ -139,7 +147,7 @@ def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
     return hs[:, :steps], tf.where((lengths > 0)[:, None], h, h0), c
 
 
-TIME_BUCKET = 32  # inference compiles once per batch size and 32 steps of length
+TIME_BUCKET = 32  # the loops compile once per batch size and 32 steps of length
 
 
 def _bucketed(steps: tf.Tensor) -> tf.Tensor:
