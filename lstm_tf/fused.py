@@ -112,9 +112,9 @@ def _first_steps(hs: tf.Tensor, steps: tf.Tensor) -> tf.Tensor:
 
 def final_state(states: tf.Tensor, lengths: tf.Tensor, initial: tf.Tensor) -> tf.Tensor:
     """`[B, M]`: `states` `[T, B, M]` after each sequence's last real step (`initial` for none)."""
-    last = tf.gather(tf.transpose(states, [1, 0, 2]), tf.maximum(lengths - 1, 0),
-                     axis=1, batch_dims=1)
-    return tf.where((lengths > 0)[:, None], last, initial)
+    # (Indexed in place: a transpose to batch-major would copy every step.)
+    where = tf.stack([tf.maximum(lengths - 1, 0), tf.range(tf.shape(lengths)[0])], 1)
+    return tf.where((lengths > 0)[:, None], tf.gather_nd(states, where), initial)
 
 
 def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
