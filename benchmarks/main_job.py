@@ -15,6 +15,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
+import lstm_tf
 from configs import sentiment as sentiment_config
 from recipes.sentiment import input_pipeline
 from recipes.sentiment import model as models
@@ -42,7 +43,7 @@ def contender(name: str) -> Callable[[np.ndarray, np.ndarray], object]:
         model = models.create_model(CONFIG)
         if name == "lstm_tf fused=False":
             for layer in model.layers:
-                if hasattr(layer, "forward_layer"):
+                if isinstance(layer, lstm_tf.Bidirectional):
                     layer.forward_layer.fused = layer.backward_layer.fused = False
     model.compile(optimizer=keras.optimizers.Adam(CONFIG.learning_rate, clipnorm=CONFIG.clipnorm),
                   loss="binary_crossentropy", metrics=["accuracy"])
