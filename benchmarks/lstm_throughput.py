@@ -4,6 +4,7 @@
     python benchmarks/lstm_throughput.py --quick      # the reference shape: B=64, T=100, 256 units
     python benchmarks/lstm_throughput.py --shape 16,50,32 --masked   # B,T,units (repeatable)
     python benchmarks/lstm_throughput.py --main_job   # the sentiment recipe's own training step
+    python benchmarks/lstm_throughput.py --precision --masked  # float32 vs mixed precision
 
 A training step = forward + backward of a `[B, T, 128]` float32 batch (return_sequences, loss =
 mean of squared outputs) with the gradient of every weight; inference = forward only. With
@@ -99,7 +100,8 @@ def tf_contender(name: str, units: int, x: np.ndarray, mask: np.ndarray | None) 
     @tf.function
     def train_step():
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(layer(x, mask=mask, training=True)))
+            outputs = tf.cast(layer(x, mask=mask, training=True), tf.float32)
+            loss = tf.reduce_mean(tf.square(outputs))
         return tape.gradient(loss, layer.trainable_variables)
 
     @tf.function
@@ -219,6 +221,35 @@ def sweep(shapes: list[tuple[int, int, int]], masks: list[bool], rounds: int) ->
                           flush=True)
 
 
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def precision(shapes: list[tuple[int, int, int]], masked: bool, rounds: int) -> None:
+    """lstm_tf and keras.layers under each Keras dtype policy, interleaved, per shape."""
+    print(f"{header().removesuffix('; float32')}; input {FEATURES}; "
+          f"{'masked' if masked else 'unmasked'}; ratios to float32 of the same contender.\n")
+    print("| B | T | units | contender | policy | train ms | vs float32 | infer ms | vs float32 |")
+    print("| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
+    for batch_size, steps, units in shapes:
+        x, mask = batch(batch_size, steps, masked)
+        fns = {}
+        for policy in POLICIES:
+            keras.mixed_precision.set_global_policy(policy)
+            for name in ("lstm_tf", "keras", "lstm_tf bi", "keras bi"):
+                fns[f"{name}, {policy}"] = tf_contender(name, units, x, mask)
+        keras.mixed_precision.set_global_policy("float32")
+        for train, infer in fns.values():
+            train()
+            infer()
+        train = interleaved({key: f[0] for key, f in fns.items()}, rounds)
+        infer = interleaved({key: f[1] for key, f in fns.items()}, rounds)
+        for key in sorted(fns, key=lambda key: key.split(",")[0]):
+            base = f"{key.split(',')[0]}, float32"
+            print(f"| {batch_size} | {steps} | {units} | {key.replace(', ', ' | ')} | "
+                  f"{train[key] * 1e3:.1f} | {train[base] / train[key]:.2f}x | "
+                  f"{infer[key] * 1e3:.1f} | {infer[base] / infer[key]:.2f}x |", flush=True)
+
+
 def peak_memory(names: list[str], steps: int = 1000, units: int = 256) -> None:
     print(f"\n| B=64, T={steps}, {FEATURES} -> {units} units, one training step | peak memory "
           "| measured by |")
@@ -321,6 +352,9 @@ def main() -> None:
     parser.add_argument("--no_memory", action="store_true")
     parser.add_argument("--main_job", action="store_true",
                         help="the sentiment recipe's training step on real IMDB batches")
+    parser.add_argument("--precision", action="store_true",
+                        help="lstm_tf and keras under float32, mixed_bfloat16 and mixed_float16 "
+                             "(--shape/--quick, else B=64, T=100 at 64 and 512 units)")
     parser.add_argument("--batches", type=_positive, default=12,
                         help="--main_job: how many of the recipe's batches")
     parser.add_argument("--memory_child", help=argparse.SUPPRESS)
@@ -334,6 +368,9 @@ def main() -> None:
         return memory_child(args.memory_child, args.steps, args.units)
     if args.main_job:
         return main_job(args.batches, args.rounds)
+    if args.precision:
+        return precision(args.shape or [(64, 100, 256)] if args.quick else
+                         args.shape or [(64, 100, 64), (64, 100, 512)], args.masked, args.rounds)
     if args.shape or args.quick:
         sweep(args.shape or [(64, 100, 256)], [args.masked], args.rounds)
     else:

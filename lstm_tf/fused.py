@@ -402,9 +402,18 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
         `(last_output, outputs, [h, c])` as `keras.layers.RNN.inner_loop` returns
         them (outputs in the order the steps were read).
     """
-    h0, c0 = (tf.convert_to_tensor(s) for s in initial_state)
-    kernel, recurrent_kernel = tf.convert_to_tensor(kernel), tf.convert_to_tensor(recurrent_kernel)
-    bias = tf.zeros(kernel.shape[-1:], kernel.dtype) if bias is None else tf.convert_to_tensor(bias)
+    # Mixed precision (x in float16 or bfloat16): the recurrence runs in float32,
+    # h and C included (rounded to 16 bits at every step, C drifts over long
+    # sequences, and XLA's loops run slower in 16 bits on a CPU); only training's
+    # input projection stays in bfloat16, a fast oneDNN matmul on CPUs with bf16
+    # instructions (its float16 one is slower than float32's). The outputs and
+    # states come back in x's dtype, as the step path gives them.
+    dtype = x.dtype
+    projection = tf.bfloat16 if training and dtype == tf.bfloat16 else tf.float32
+    x, kernel = tf.cast(x, projection), tf.cast(kernel, projection)
+    h0, c0 = (tf.cast(s, tf.float32) for s in initial_state)
+    recurrent_kernel = tf.cast(recurrent_kernel, tf.float32)
+    bias = tf.zeros(kernel.shape[-1:]) if bias is None else tf.cast(bias, tf.float32)
     shape = x.shape[:2].concatenate(recurrent_kernel.shape[:1])  # [B, T, U], as far as known
     masked = mask is not None
     if masked:
@@ -421,6 +430,7 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
     else:
         h_seq, h_last, c_last = inference(x, kernel, lengths, h0, c0, recurrent_kernel,
                                           bias, final_cell)
+    h_seq, h_last, c_last = (tf.cast(t, dtype) for t in (h_seq, h_last, c_last))
     # (The compiled loops are traced for any shape: the static shapes are the call's.)
     h_seq = with_shape(h_seq, shape)
     h_last, c_last = (with_shape(t, shape[::2]) for t in (h_last, c_last))
@@ -465,6 +475,7 @@ def _training(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
     x = tf.pad(tf.transpose(x, [1, 0, 2]), [[0, _bucketed(steps) - steps], [0, 0], [0, 0]])
     xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
                     tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))
+    xw = tf.cast(xw, recurrent_kernel.dtype)  # (mixed precision: see `run`)
     hs, h_last, c_last = _bucketed_recurrence(xw, steps, lengths, h0, c0, recurrent_kernel,
                                               bias)
     return tf.transpose(_first_steps(hs, steps), [1, 0, 2]), h_last, c_last

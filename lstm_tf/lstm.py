@@ -43,8 +43,10 @@ class LSTM(keras.layers.RNN):
         fused: `"auto"` (default) runs the fused path (`lstm_tf.fused`: the
             recurrence compiled by XLA, a hand-written gradient) where it
             applies: at inference, and in training except from 128 to 255
-            units (`STEP_LOOP_TRAINING_UNITS`, where the step loop trains
-            faster); the step-by-step `LSTMCell` loop elsewhere. `False`
+            units in float32 (`STEP_LOOP_TRAINING_UNITS`, where the step loop
+            trains faster); the step-by-step `LSTMCell` loop elsewhere. Under
+            a mixed precision policy the fused path keeps h and C in float32
+            (the outputs and states it returns are in the compute dtype). `False`
             always runs the step loop; `True` the fused path wherever it
             applies (and raises where it does not). It applies to the plain cell (no variant) with
             `activation="tanh"`, `recurrent_activation="sigmoid"`,
@@ -126,7 +128,8 @@ class LSTM(keras.layers.RNN):
         """Whether calls run on the fused path (`training`: training calls, else inference)."""
         if not self.can_fuse(training):
             return False
-        return self.fused is True or not training or self.units not in STEP_LOOP_TRAINING_UNITS
+        return (self.fused is True or not training or self.units not in STEP_LOOP_TRAINING_UNITS
+                or self.compute_dtype != "float32")  # (the step loop is slower in 16 bits)
 
     def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool = False) -> tuple:

@@ -69,6 +69,8 @@ def test_auto_picks_the_fused_path_when_it_applies():
         assert lstm_tf.LSTM(units).uses_fused_path(training=False)
         assert lstm_tf.LSTM(units, fused=True).uses_fused_path()
         assert not lstm_tf.LSTM(units, fused=False).uses_fused_path(training=False)
+        # (The step loop in 16 bits is slower than the fused path, which runs in float32.)
+        assert lstm_tf.LSTM(units, dtype="mixed_bfloat16").uses_fused_path()
     assert not lstm_tf.LSTM(U, recurrent_dropout=0.1).uses_fused_path()
     assert lstm_tf.LSTM(U, recurrent_dropout=0.1).uses_fused_path(training=False)
     assert not lstm_tf.LSTM(U, activation="relu").uses_fused_path()
@@ -171,3 +173,45 @@ def test_sequences_longer_than_a_chunk(training):
     out_f, grad_f = _outputs_and_gradients(fused_layer, x, mask, None, training)
     for a, b in zip(out_s + grad_s, out_f + grad_f, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy, tolerance", [("mixed_bfloat16", 2e-2), ("mixed_float16", 3e-3)])
+@pytest.mark.parametrize("fused", ["auto", False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_mixed_precision_matches_float32(policy, tolerance, fused, bidirectional, training):
+    """Compute-dtype outputs and states, float32 weights and gradients, float32's values."""
+    def make(dtype):
+        layer = lstm_tf.LSTM(U, return_sequences=True, return_state=True, fused=fused,
+                             dtype=dtype)
+        return lstm_tf.Bidirectional(layer, dtype=dtype) if bidirectional else layer
+
+    steps = 40
+    x = np.random.default_rng(0).normal(size=(B, steps, D)).astype("float32")
+    mask = np.arange(steps)[None] < np.array([steps, 25, 1, 0])[:, None]
+    mixed, exact = make(policy), make("float32")
+    mixed(x)
+    exact(x)
+    rng = np.random.default_rng(1)
+    exact.set_weights([rng.normal(scale=0.5, size=w.shape).astype("float32")
+                       for w in exact.get_weights()])
+    mixed.set_weights(exact.get_weights())
+    assert all(w.dtype == "float32" for w in mixed.weights)
+
+    def run(layer, x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x, mask=mask, training=training)
+            loss = sum(tf.reduce_sum(tf.sin(tf.cast(o, tf.float32) * (k + 1.0)))
+                       for k, o in enumerate(out))
+        return out, tape.gradient(loss, [x, *layer.trainable_variables])
+
+    call = tf.function(run) if training else run  # (as in `_outputs_and_gradients`)
+    out_m, grad_m = call(mixed, tf.constant(x))
+    out_e, grad_e = call(exact, tf.constant(x))
+    assert {o.dtype.name for o in out_m} == {policy.removeprefix("mixed_")}
+    assert all(g.dtype == tf.float32 for g in grad_m)
+    for a, b in zip(out_m, out_e, strict=True):
+        np.testing.assert_allclose(tf.cast(a, tf.float32), b, atol=tolerance)
+    for a, b in zip(grad_m, grad_e, strict=True):
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
