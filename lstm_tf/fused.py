@@ -122,11 +122,11 @@ def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
               final_cell: bool = True) -> tuple:
     """All hidden states of one LSTM, and its final cell state, for inference.
 
-    One compiled function does it all, the input projection included (XLA's
-    matmul is the faster one here), and keeps nothing; the time
-    axis is padded to a multiple of `TIME_BUCKET` steps (the loop stops at the
-    real length), so that sequences of any length share a few compilations.
-    A gradient, if asked for, goes through the training path.
+    x·W for all steps is one 2-D matmul (TensorFlow's, the faster one), then one
+    compiled loop runs the steps and keeps nothing; the time axis is padded to a
+    multiple of `TIME_BUCKET` steps (the loop stops at the real length), so that
+    sequences of any length share a few compilations. A gradient, if asked for,
+    goes through the training path.
 
     Args:
         x: `[B, T, D]` inputs in the order they are read.
@@ -141,7 +141,9 @@ def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
     """
     steps = tf.shape(x)[1]
     x = tf.pad(x, [[0, 0], [0, _bucketed(steps) - steps], [0, 0]])
-    hs, c = _INFERENCE[final_cell](x, kernel, lengths, h0, c0, recurrent_kernel, bias, steps)
+    xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
+                    tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))
+    hs, c = _INFERENCE[final_cell](xw, lengths, h0, c0, recurrent_kernel, bias, steps)
     # h after each sequence's last real step (h_0 for an empty one); `hs` has steps.
     h = tf.gather(hs, tf.maximum(lengths - 1, 0), axis=1, batch_dims=1)
     return hs[:, :steps], tf.where((lengths > 0)[:, None], h, h0), c
@@ -162,10 +164,10 @@ def _differentiable_inference(final_cell: bool) -> Any:
     gradient: loading one warns about custom gradients it could not save.)
     """
     @tf.custom_gradient
-    def infer(x, kernel, lengths, h0, c0, recurrent_kernel, bias, steps):  # noqa: ANN001, ANN202
+    def infer(xw, lengths, h0, c0, recurrent_kernel, bias, steps):  # noqa: ANN001, ANN202
         compiled = _compiled(h0.shape[-1])
         forward = compiled.infer_final_cell if final_cell else compiled.infer
-        hs, c = forward(*_unwatched(x, kernel, lengths, h0, c0, recurrent_kernel, bias), steps)
+        hs, c = forward(*_unwatched(xw, lengths, h0, c0, recurrent_kernel, bias), steps)
 
         def grad(d_hs, d_c):  # noqa: ANN001, ANN202
             # The training path's forward loop, kept gates and backward loop (called
@@ -174,15 +176,14 @@ def _differentiable_inference(final_cell: bool) -> Any:
             d_c = tf.zeros_like(c) if d_c is None else d_c
             # Without `final_cell`, `c` is C_0 itself: its gradient goes straight to c0.
             d_final, d_c0 = (d_c, 0.0) if final_cell else (tf.zeros_like(d_c), d_c)
-            xw = tf.einsum("btd,dg->tbg", x, kernel)  # (x is padded to a bucket already)
-            hs_t, cs, gates = compiled.forward(xw, tf.shape(xw)[0], h0, c0, recurrent_kernel,
-                                               bias)
+            xw_t = tf.transpose(xw, [1, 0, 2])  # (padded to a bucket already)
+            hs_t, cs, gates = compiled.forward(xw_t, tf.shape(xw_t)[0], h0, c0,
+                                               recurrent_kernel, bias)
             dz, _, _, dh0, dc0, d_recurrent, d_bias = _recurrence_gradient(
-                tf.transpose(d_hs, [1, 0, 2]), tf.zeros_like(h0), d_final, tf.shape(xw)[0],
+                tf.transpose(d_hs, [1, 0, 2]), tf.zeros_like(h0), d_final, tf.shape(xw_t)[0],
                 lengths, hs_t, cs, gates, h0, c0, recurrent_kernel)
-            dx = tf.einsum("tbg,dg->btd", dz, kernel)
-            d_kernel = tf.einsum("btd,tbg->dg", x, dz)
-            return dx, d_kernel, None, dh0, dc0 + d_c0, d_recurrent, d_bias, None
+            return (tf.transpose(dz, [1, 0, 2]), None, dh0, dc0 + d_c0, d_recurrent, d_bias,
+                    None)
 
         return (hs, c), grad
 
@@ -192,14 +193,11 @@ def _differentiable_inference(final_cell: bool) -> Any:
 _INFERENCE = {final_cell: _differentiable_inference(final_cell) for final_cell in (False, True)}
 
 
-def _infer(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
-           c0: tf.Tensor, recurrent_kernel: tf.Tensor, bias: tf.Tensor, steps: tf.Tensor,
+def _infer(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+           recurrent_kernel: tf.Tensor, bias: tf.Tensor, steps: tf.Tensor,
            final_cell: bool) -> tuple:
-    """`inference`'s compiled body: `(H [B, T, M], C [B, M])`, the loop run `steps` times."""
-    # Batch-major: x·W as one 2-D matmul (faster than an einsum to time-major).
-    xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
-                    tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))
-
+    """`inference`'s compiled loop: `(H [B, T, M], C [B, M])` from `xw` `[B, T, 4M]`,
+    run `steps` times."""
     def body(t, h, c, c_last):
         h, c, _ = _step(xw[:, t], h, c, recurrent_kernel, bias)
         if final_cell:
@@ -207,7 +205,7 @@ def _infer(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
         return (h, c, c_last), (h,)
 
     (_, _, c_last), (hs,) = _loop(steps, body, [h0, c0, c0], [(h0, h0.shape[-1])],
-                                  size=tf.shape(x)[1])
+                                  size=tf.shape(xw)[1])
     return tf.transpose(hs, [1, 0, 2]), c_last
 
 
@@ -409,11 +407,12 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
     # instructions (its float16 one is slower than float32's). The outputs and
     # states come back in x's dtype, as the step path gives them.
     dtype = x.dtype
-    projection = tf.bfloat16 if training and dtype == tf.bfloat16 else tf.float32
+    exact = tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+    projection = tf.bfloat16 if training and dtype == tf.bfloat16 else exact
     x, kernel = tf.cast(x, projection), tf.cast(kernel, projection)
-    h0, c0 = (tf.cast(s, tf.float32) for s in initial_state)
-    recurrent_kernel = tf.cast(recurrent_kernel, tf.float32)
-    bias = tf.zeros(kernel.shape[-1:]) if bias is None else tf.cast(bias, tf.float32)
+    h0, c0 = (tf.cast(s, exact) for s in initial_state)
+    recurrent_kernel = tf.cast(recurrent_kernel, exact)
+    bias = tf.zeros(kernel.shape[-1:], exact) if bias is None else tf.cast(bias, exact)
     shape = x.shape[:2].concatenate(recurrent_kernel.shape[:1])  # [B, T, U], as far as known
     masked = mask is not None
     if masked:

@@ -87,29 +87,38 @@ class GateHistograms(keras.callbacks.Callback):
         super().__init__()
         self.logdir, self.inputs = str(logdir), inputs
         self.writer: Any = None
+        self.gates: Any = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self.writer is None:
             self.writer = tf.summary.create_file_writer(self.logdir)
+            # Traced once (it reads the weights as they are at each call): run
+            # eagerly, the step-by-step trace would take seconds every epoch.
+            self.gates = tf.function(self._gates)
         with self.writer.as_default():
-            for layer in self.model.layers:
-                if isinstance(layer, Bidirectional):
-                    parts = [("forward", layer.forward_layer), ("backward", layer.backward_layer)]
-                elif isinstance(layer, LSTM):
-                    parts = [("", layer)]
-                else:
-                    continue
-                feeder = keras.Model(self.model.inputs, layer.input)
-                sequences = feeder(self.inputs, training=False)
-                mask = None
-                if isinstance(sequences, (list, tuple)):  # a layer called with a mask
-                    sequences, mask = sequences
-                for direction, lstm in parts:
-                    if not isinstance(lstm, LSTM):
-                        continue
-                    gates = gate_activations(lstm, sequences, mask)
-                    for gate in ("forget", "input", "output"):
-                        values = tf.boolean_mask(gates[gate], gates["mask"])
-                        name = "/".join(p for p in (layer.name, direction, gate) if p)
-                        tf.summary.histogram(f"gates/{name}", values, step=epoch + 1)
+            for name, values in self.gates(self.inputs).items():
+                tf.summary.histogram(f"gates/{name}", values, step=epoch + 1)
         self.writer.flush()
+
+    def _gates(self, inputs: Any) -> dict[str, tf.Tensor]:
+        """`{"layer[/direction]/gate": the gate's values at the real steps}`."""
+        values = {}
+        for layer in self.model.layers:
+            if isinstance(layer, Bidirectional):
+                parts = [("forward", layer.forward_layer), ("backward", layer.backward_layer)]
+            elif isinstance(layer, LSTM):
+                parts = [("", layer)]
+            else:
+                continue
+            sequences = keras.Model(self.model.inputs, layer.input)(inputs, training=False)
+            mask = None
+            if isinstance(sequences, (list, tuple)):  # a layer called with a mask
+                sequences, mask = sequences
+            for direction, lstm in parts:
+                if not isinstance(lstm, LSTM):
+                    continue
+                gates = gate_activations(lstm, sequences, mask)
+                for gate in ("forget", "input", "output"):
+                    name = "/".join(p for p in (layer.name, direction, gate) if p)
+                    values[name] = tf.boolean_mask(gates[gate], gates["mask"])
+        return values

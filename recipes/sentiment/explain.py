@@ -232,20 +232,25 @@ class ExplainImages(keras.callbacks.Callback):
         self.logdir, self.texts = str(logdir), list(texts)
         self.vectorizer, self.config = vectorizer, config
         self.writer: Any = None
+        self.explain: Any = None
+        self.probabilities: Any = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not self.texts:
             return
-        explain = explain_function(self.model, self.vectorizer, self.config)
-
-        def predict(texts: list[str]) -> np.ndarray:
-            ids = input_pipeline.to_ids(self.vectorizer, tf.constant(texts),
-                                        self.config.max_length)
-            return self.model(ids, training=False).numpy()[:, 0]
-
-        png = picture(explanations(explain, predict, self.texts))
         if self.writer is None:
             self.writer = tf.summary.create_file_writer(self.logdir)
+            # Traced once, they read the weights as they are at each call.
+            self.explain = explain_function(self.model, self.vectorizer, self.config)
+            self.probabilities = tf.function(
+                lambda text: self.model(input_pipeline.to_ids(
+                    self.vectorizer, text, self.config.max_length), training=False)[:, 0],
+                input_signature=[tf.TensorSpec([None], tf.string)])
+
+        def predict(texts: list[str]) -> np.ndarray:
+            return self.probabilities(tf.constant(texts)).numpy()
+
+        png = picture(explanations(self.explain, predict, self.texts))
         with self.writer.as_default():
             tf.summary.image("explain", tf.image.decode_png(png)[None], step=epoch + 1)
         self.writer.flush()
