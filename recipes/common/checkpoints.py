@@ -186,7 +186,7 @@ class Backup(keras.callbacks.Callback):
         if not self.first_epoch:
             return
         try:
-            if not self.model.optimizer.built:  # (else its state in the file is skipped)
+            if not self.model.optimizer.built:  # (else at the first step: its state would be lost)
                 self.model.optimizer.build(self.model.trainable_variables)
             self.model.load_weights(str(state / "latest.weights.h5"))
             seed_states = read_json(state / "training_metadata.json").get("seed_states", {})
