@@ -56,29 +56,24 @@ class Bidirectional(keras.layers.Bidirectional):
     requantizing: the fused LSTM op keeps computing at its own (its state's) and
     the backward output's flip copies bytes, so both halves would be read with
     the wrong zero point. The added ADD is where the int8 model requantizes.
+    Everything else (both directions, the flip, the states, Keras's fused
+    bidirectional kernels where a backend has them) is Keras's `call`.
     """
 
     def call(self, sequences: Any, initial_state: Any = None, mask: Any = None,
              training: bool | None = None) -> Any:
+        kwargs = {"initial_state": initial_state, "mask": mask, "training": training}
         if (training or self.merge_mode != "concat" or not tf.inside_function()
                 or conversion.in_onnx_graph()):
-            return super().call(sequences, initial_state=initial_state, mask=mask,
-                                training=training)
-        # Keras's call, with the requantization point (0 * x) before the concatenation.
-        forward_state = backward_state = None
-        if initial_state is not None:
-            half = len(initial_state) // 2
-            forward_state, backward_state = initial_state[:half], initial_state[half:]
-        y = self.forward_layer(sequences, initial_state=forward_state, mask=mask,
-                               training=training)
-        y_rev = self.backward_layer(sequences, initial_state=backward_state, mask=mask,
-                                    training=training)
-        states = ()
-        if self.return_state:
-            states, y, y_rev = tuple(y[1:]) + tuple(y_rev[1:]), y[0], y_rev[0]
-        y, y_rev = ops.cast(y, self.compute_dtype), ops.cast(y_rev, self.compute_dtype)
-        if self.return_sequences:
-            y_rev = ops.flip(y_rev, axis=1)
+            return super().call(sequences, **kwargs)
+        # Keras's call without its merge (with merge_mode=None it returns both directions'
+        # outputs, then the states; nothing else reads merge_mode while it runs), then
+        # the concatenation with a requantization point on each input.
+        self.merge_mode = None
+        try:
+            y, y_rev, *states = super().call(sequences, **kwargs)
+        finally:
+            self.merge_mode = "concat"
         output = ops.concatenate([y + 0.0 * y[..., :1], y_rev + 0.0 * y_rev[..., :1]],
                                  axis=-1)
         return (output, *states) if self.return_state else output

@@ -199,6 +199,36 @@ def test_backup_interrupted_while_swapping_is_recovered(tmp_path):
     assert checkpoints.completed_epochs(tmp_path / "nothing") == 0
 
 
+def test_fit_interrupted_and_resumed_from_its_backup_ends_as_if_never_interrupted(tmp_path):
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    def model() -> keras.Model:
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile("adam", "mse")
+        return model
+
+    x, y = np.random.default_rng(0).random((64, 4)), np.random.default_rng(1).random((64, 1))
+    with pytest.raises(KeyboardInterrupt):
+        model().fit(x, y, epochs=4, shuffle=False, verbose=0,
+                    callbacks=[checkpoints.Backup(tmp_path), Interrupt()])
+    assert checkpoints.completed_epochs(tmp_path) == 2
+    with pytest.raises(RuntimeError, match="fit starts at epoch 0, its backup .* at 2"):
+        model().fit(x, y, epochs=4, verbose=0, callbacks=[checkpoints.Backup(tmp_path)])
+
+    resumed, uninterrupted = model(), model()
+    resumed.fit(x, y, epochs=4, initial_epoch=2, shuffle=False, verbose=0,
+                callbacks=[checkpoints.Backup(tmp_path)])
+    uninterrupted.fit(x, y, epochs=4, shuffle=False, verbose=0)
+    assert int(resumed.optimizer.iterations) == int(uninterrupted.optimizer.iterations) == 8
+    for a, b in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not tmp_path.exists()  # deleted when training ends
+
+
 @pytest.mark.slow
 def test_full_disk_gives_one_line_error(tmp_path):
     disk = tmp_path / "disk"

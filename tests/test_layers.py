@@ -162,6 +162,21 @@ def test_bidirectional_return_state_and_initial_state_match_keras():
     _assert_close(out, ref(x, initial_state=state))
 
 
+@pytest.mark.parametrize("return_state", [False, True])
+def test_bidirectional_in_a_graph_matches_keras(return_state):
+    """(At inference in a graph, the concatenation is ours: with a requantization point.)"""
+    ours = lstm_tf.Bidirectional(LSTM(U, return_sequences=True, return_state=return_state))
+    ref = keras.layers.Bidirectional(
+        keras.layers.LSTM(U, return_sequences=True, return_state=return_state))
+    x = _data()
+    _pair(ours, ref, x)
+    mask = _mask([T, 4, 1])
+    out = tf.function(lambda x: ours(x, mask=mask))(x)
+    assert (out[0] if return_state else out).shape == (B, T, 2 * U)
+    _assert_close(out, ref(x, mask=mask))
+    assert ours.merge_mode == "concat"
+
+
 def test_bidirectional_wraps_keras_simple_rnn():
     ours = lstm_tf.Bidirectional(keras.layers.SimpleRNN(U, return_sequences=True))
     ref = keras.layers.Bidirectional(keras.layers.SimpleRNN(U, return_sequences=True))

@@ -36,7 +36,7 @@ def test_workdir_contents(sentiment_run):
     for split in ("train", "validation", "test"):
         assert np.isfinite(metrics[split]["loss"]) and metrics[split]["loss"] > 0
     assert (sentiment_run / "checkpoints" / "best.weights.h5").exists()
-    assert not (sentiment_run / "backup").exists()  # BackupAndRestore cleans up on success
+    assert not (sentiment_run / "backup").exists()  # the backup is deleted on success
     assert sorted(p.name for p in (sentiment_run / "export").iterdir()) == ["1"]
     assert metrics["export"] == str(sentiment_run / "export" / "1")
 

@@ -155,40 +155,54 @@ def _damaged(state: pathlib.Path, root: pathlib.Path, error: BaseException) -> s
             "from the start (checkpoints/ and export/ are kept)")
 
 
-class Backup(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` that writes atomically and restores the random state too.
+class Backup(keras.callbacks.Callback):
+    """Resumable backups of the training state, written atomically, with the random state.
 
-    Keras rewrites its weights file and then its metadata file in place, so a
-    kill during a backup can leave weights and epoch from different epochs;
-    and it does not save the layers' `SeedGenerator` states (dropout), so a
-    resumed run draws other dropout masks than an uninterrupted one. Here each
-    backup is written to `backup_dir/.tmp`, then renamed to `backup_dir/state`
-    (the previous one is kept as `state.old` until then), and the metadata
-    holds the seed states. The number of completed epochs is
-    `completed_epochs(backup_dir)`, for input pipelines to skip what was seen.
-    With `save=False` (the workers other than the chief), it only restores.
-    A damaged backup stops the run with one line naming it.
+    At the end of each epoch, the model's weights (the optimizer's state and
+    step count included) and `training_metadata.json` (the number of completed
+    epochs and the layers' `SeedGenerator` states, which weights files leave
+    out) are written to `backup_dir/.tmp`, then renamed to `backup_dir/state`
+    (the previous one is kept as `state.old` until then), so that a kill at
+    any moment leaves one whole backup. When training begins, both are
+    restored from it: `fit` must be given `initial_epoch=completed_epochs(backup_dir)`,
+    the number input pipelines use to skip what was seen. With `save=False`
+    (the workers other than the chief), it only restores. A damaged backup
+    stops the run with one line naming it. Training's end deletes the backup.
+
+    Not Keras's `BackupAndRestore`: it rewrites its weights and metadata files
+    in place (a kill can leave weights and epoch from different epochs), and
+    without the seed states a resumed run draws other dropout masks than an
+    uninterrupted one.
     """
 
     def __init__(self, backup_dir: pathlib.Path, save: bool = True) -> None:
-        super().__init__(str(backup_dir / "state"))
+        super().__init__()
         self.root, self.save = backup_dir, save
+        self.first_epoch: int | None = None  # of this `fit`, until it is checked
 
-    def _load_model(self) -> None:
+    def on_train_begin(self, logs: dict | None = None) -> None:
         state = restorable_state(self.root, recover=self.save)
-        self._weights_path = str(state / "latest.weights.h5")
-        self._training_metadata_path = str(state / "training_metadata.json")
+        self.first_epoch = completed_epochs(self.root)
+        if not self.first_epoch:
+            return
         try:
-            super()._load_model()
-            metadata = pathlib.Path(self._training_metadata_path)
-            states = read_json(metadata).get("seed_states", {}) if metadata.exists() else {}
+            if not self.model.optimizer.built:  # (else at the first step: its state would be lost)
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(str(state / "latest.weights.h5"))
+            seed_states = read_json(state / "training_metadata.json").get("seed_states", {})
         except (OSError, ValueError, RecipeError) as e:
             raise RecipeError(_damaged(state, self.root, e)) from None
         for variable in _seed_states(self.model):
-            if variable.path in states:
-                variable.assign(states[variable.path])
+            if variable.path in seed_states:
+                variable.assign(seed_states[variable.path])
 
-    def _save_model(self) -> None:
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self.first_epoch is not None and epoch != self.first_epoch:
+            raise RuntimeError(f"fit starts at epoch {epoch}, its backup in {self.root} at "
+                               f"{self.first_epoch}: pass fit(initial_epoch=completed_epochs(...))")
+        self.first_epoch = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not self.save:
             return
         tmp = self.root / ".tmp"
@@ -196,7 +210,7 @@ class Backup(keras.callbacks.BackupAndRestore):
         tmp.mkdir(parents=True)
         self.model.save_weights(str(tmp / "latest.weights.h5"))
         write_json(tmp / "training_metadata.json", {
-            "epoch": self._current_epoch, "batch": self._last_batch_seen,
+            "epoch": epoch + 1,
             "seed_states": {v.path: v.numpy().tolist() for v in _seed_states(self.model)}})
         state, old = self.root / "state", self.root / "state.old"
         if state.exists():

@@ -47,7 +47,9 @@ _strategy: tf.distribute.Strategy | None = None
 def _text(e: BaseException) -> str:
     """An exception's message as one line of text (a `KeyError`'s without repr quoting)."""
     message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
-    for _ in range(2):  # ml_collections quotes a KeyError's message once more
+    # ml_collections wraps a KeyError in an AttributeError (whose message is then the
+    # KeyError's repr, line breaks escaped) and quotes the field in it: unquote twice at most.
+    for _ in range(2):
         if len(message) > 1 and message[0] == message[-1] and message[0] in "\"'":
             try:
                 message = str(ast.literal_eval(message))
@@ -60,18 +62,17 @@ def _text(e: BaseException) -> str:
 def _config_error(name: str, e: Exception) -> RecipeError:
     """A bad `--NAME` config file or `--NAME.FIELD=` override, as a `RecipeError`.
 
-    ml_collections raises the same `KeyError` for a field missing from an
-    override as for a `KeyError` raised by the config file's own code; where it
-    was raised tells them apart.
+    The config file's line that raised is named.
     """
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if "-packages" not in f.filename and f.filename != __file__]
-    if frames:  # raised in the config file (or code it calls)
+    # ml_collections raises the same KeyError or AttributeError for a field missing from an
+    # override as the config file's own code may: only the latter ran in its `get_config`.
+    config_file = [f for f in traceback.extract_tb(e.__traceback__) if f.name == "get_config"]
+    if config_file:
         return RecipeError(f"the --{name} file raised {type(e).__name__}: {_text(e)} "
-                           f"({frames[-1].filename}, line {frames[-1].lineno})")
+                           f"({config_file[0].filename}, line {config_file[0].lineno})")
     field, *hint = _text(e).split("; ")
-    field = field if field[:1] in "\"'" else repr(field)
-    return RecipeError(f"bad --{name}.FIELD override: no field {field} in the config"
+    field = field.strip("\"'")
+    return RecipeError(f"bad --{name}.FIELD override: no field {field!r} in the config"
                        + (f" ({' '.join(hint)})" if hint else ""))
 
 
@@ -137,6 +138,8 @@ def _exit_with(message: str) -> None:
 
 
 def _lost_worker(e: Exception) -> str:
+    # TensorFlow's message spans many lines (the graph's stack, the cause, gRPC details):
+    # the cause's line ("... aborted by: ...", and the next if the cause starts there) is kept.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     at = next((i for i, line in enumerate(lines) if "aborted by" in line), 0)
     cause = " ".join(lines[at:at + 2]) if lines[at].endswith(":") else lines[at]
@@ -155,14 +158,16 @@ def _one_line(function: Callable[..., Any], *args: Any) -> Any:
             raise
         _exit_with(_lost_worker(e))
     except (OSError, RuntimeError, tf.errors.OpError) as e:
-        if "No space left on device" in str(e):  # as h5py, TF and Python report it
+        # h5py, TensorFlow and Python raise different types for a full disk, all with these
+        # words (h5py names the file as below).
+        if "No space left on device" in str(e):
             where = re.search(r"filename = '([^']+)'", str(e))
             _exit_with("no space left on device" + (f" writing {where[1]}" if where else "")
                        + "; free some space or pass a --workdir on another disk, then rerun "
                        "the same command to resume")
         if not isinstance(e, OSError):
             raise
-        _exit_with(_text(e).split("; ")[-1])
+        _exit_with(_text(e).split("; ")[-1])  # the cause (ml_collections first says what it tried)
 
 
 def run(main: Callable[[list[str]], Any]) -> None:

@@ -220,11 +220,11 @@ def train_and_evaluate(config: Any, workdir: str,
                       metrics=[models.copied_accuracy(config.copy_length)])
     first_delay = min(config.curriculum_start, config.delay) if config.curriculum_start else \
         config.delay
-    model.curriculum_delay.assign(first_delay)  # BackupAndRestore overwrites it on resume
-    # A resumed run goes on with the batches after the ones its backup has seen.
-    seen = config.steps_per_epoch * checkpoints.completed_epochs(
-        checkpoints.backup_dir(workdir, strategy))
-    train_ds = distribute.shard_by_data(input_pipeline.training_symbols(config, first_batch=seen))
+    model.curriculum_delay.assign(first_delay)  # a resumed run's backup overwrites it
+    # A resumed run goes on with the epoch and the batches after the ones its backup has seen.
+    first_epoch = checkpoints.completed_epochs(checkpoints.backup_dir(workdir, strategy))
+    train_ds = distribute.shard_by_data(input_pipeline.training_symbols(
+        config, first_batch=config.steps_per_epoch * first_epoch))
     eval_inputs, eval_targets = input_pipeline.held_out(config)
     eval_ds = distribute.shard_by_data(
         tf.data.Dataset.from_tensor_slices((eval_inputs, eval_targets)).batch(250))
@@ -243,14 +243,14 @@ def train_and_evaluate(config: Any, workdir: str,
         Diagnostics(str(logdir / "diagnostics"), *probe, cell=config.cell),
     ]
     model.fit(train_ds, steps_per_epoch=config.steps_per_epoch, epochs=config.max_epochs,
-              validation_data=eval_ds, callbacks=callbacks, shuffle=False,
-              verbose=summaries.progress_verbosity())
+              initial_epoch=first_epoch, validation_data=eval_ds, callbacks=callbacks,
+              shuffle=False, verbose=summaries.progress_verbosity())
     train_seconds = time.time() - start
 
     # The training's own end state, before the best checkpoint (its weights and its
     # epoch's curriculum delay) is loaded for the evaluation.
     final_training_delay = int(model.curriculum_delay.numpy())
-    steps = int(model.optimizer.iterations.numpy())  # restored by BackupAndRestore on resume
+    steps = int(model.optimizer.iterations.numpy())  # restored from the backup on resume
     model.load_weights(checkpoints.best_checkpoint(workdir))
     evaluation = model.evaluate(eval_ds, return_dict=True, verbose=0)
     metrics = {

@@ -215,7 +215,10 @@ def train_and_evaluate(config: Any, workdir: str,
         summaries.EpochSummaries(logdir / "metrics", config.to_dict()),
         summaries.StepSummaries(logdir / "metrics", config.log_every_steps),
     ]
-    history = model.fit(train_ds, epochs=config.epochs, callbacks=callbacks, shuffle=False,
+    # A resumed run goes on with the epoch after its backup's (the stream starts over each epoch).
+    first_epoch = checkpoints.completed_epochs(checkpoints.backup_dir(workdir, strategy))
+    history = model.fit(train_ds, epochs=config.epochs, initial_epoch=first_epoch,
+                        callbacks=callbacks, shuffle=False,
                         verbose=summaries.progress_verbosity())
     train_seconds = time.time() - start
 
