@@ -1,8 +1,8 @@
 """The sentiment recipe's training step, three ways (`lstm_throughput.py --main_job`).
 
 The batches are the recipe's own (`recipes.sentiment.input_pipeline`, default config); the
-models are its Bi-LSTM classifier built from lstm_tf (`recipes.sentiment.model`), the same
-model of keras.layers, and of torch.nn, each trained as the recipe trains it (Adam, gradients
+models are its Bi-LSTM classifier built from lstm_tf (`recipes.sentiment.model`; also on the
+step loop, and under the `mixed_bfloat16` policy), the same model of keras.layers, and of torch.nn, each trained as the recipe trains it (Adam, gradients
 clipped to norm 1 each, binary cross-entropy).
 """
 
@@ -20,7 +20,7 @@ from configs import sentiment as sentiment_config
 from recipes.sentiment import input_pipeline
 from recipes.sentiment import model as models
 
-NAMES = ["lstm_tf", "lstm_tf fused=False", "keras", "torch"]
+NAMES = ["lstm_tf", "lstm_tf fused=False", "lstm_tf mixed_bfloat16", "keras", "torch"]
 CONFIG = sentiment_config.get_config()
 
 
@@ -39,6 +39,12 @@ def contender(name: str) -> Callable[[np.ndarray, np.ndarray], object]:
         return _torch_step()
     if name == "keras":
         model = _keras_model()
+    elif name == "lstm_tf mixed_bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            model = models.create_model(CONFIG)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
     else:
         model = models.create_model(CONFIG)
         if name == "lstm_tf fused=False":
