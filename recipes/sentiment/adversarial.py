@@ -81,9 +81,10 @@ class AdversarialTraining(keras.Model):
 
     Built on `model`'s inputs and outputs, so it has `model`'s layers and weights (and
     weights files any `model` of that config loads). Training data: `(tokens, label)`, or
-    `((tokens, unlabelled tokens), label)` for the virtual adversarial loss on unlabelled
-    text too. Logs `adversarial_loss` and `virtual_adversarial_loss` (their weighted terms);
-    `loss` is their sum with the classification loss. Evaluation is the model's own.
+    `({"tokens": tokens, "unlabeled": unlabelled tokens}, label)` for the virtual
+    adversarial loss on unlabelled text too. Logs `adversarial_loss` and
+    `virtual_adversarial_loss` (their weighted terms); `loss` is their sum with the
+    classification loss. Evaluation is the model's own.
     """
 
     def __init__(self, model: keras.Model, adversarial_epsilon: float = 0.0,
@@ -105,8 +106,8 @@ class AdversarialTraining(keras.Model):
         return tf.identity(self.embedding(tokens))
 
     def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
-        if isinstance(inputs, (tuple, list)):  # (tokens, unlabelled tokens): the first
-            inputs = inputs[0]
+        if isinstance(inputs, dict):  # training batches with unlabelled tokens
+            inputs = inputs["tokens"]
         return super().call(inputs, training=training, mask=mask)
 
     def adversarial_losses(self, tokens: tf.Tensor, labels: tf.Tensor,
@@ -173,7 +174,7 @@ class AdversarialTraining(keras.Model):
 
     def train_step(self, data: Any) -> dict[str, Any]:
         x, labels = data[:2]
-        tokens, unlabeled = x if isinstance(x, (tuple, list)) else (x, None)
+        tokens, unlabeled = (x["tokens"], x["unlabeled"]) if isinstance(x, dict) else (x, None)
         out, gradients = self.adversarial_losses(tokens, labels, unlabeled)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=True))
         # Keras's losses are divided by the number of replicas (their gradients add up);

@@ -144,9 +144,9 @@ def training_batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectoriza
     device (a shuffle that reshuffles per iterator would depend on how many
     iterators were made: Keras makes an extra one under a distribution
     strategy). With `config.drop_remainder`, only full batches. With `unlabeled`
-    (texts, labels ignored), each batch is `((ids, unlabelled ids), label)`: beside every
-    labelled batch a batch of unlabelled texts, from the unlabelled set shuffled by
-    (seed, epoch) as well.
+    (texts, labels ignored), each batch is `({"tokens": ids, "unlabeled": ids}, label)`:
+    beside every labelled batch a batch of unlabelled texts, from the unlabelled set
+    shuffled by (seed, epoch) as well.
     """
     examples = _examples(ds, vectorizer, config, training=True)
     steps = int(_bucketed(examples, config, config.drop_remainder).reduce(
@@ -166,7 +166,8 @@ def training_batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectoriza
         texts = _bucketed(_examples(texts, vectorizer, config, training=True, cache=False),
                           config, config.drop_remainder).repeat()
         return tf.data.Dataset.zip(batches, texts).map(
-            lambda labelled, other: ((labelled[0], other[0]), labelled[1]))
+            lambda labelled, other: ({"tokens": labelled[0], "unlabeled": other[0]},
+                                     labelled[1]))
 
     epochs = [epoch(e) for e in range(first_epoch, config.epochs)]
     ds = functools.reduce(tf.data.Dataset.concatenate, epochs) if epochs else examples.take(0)
