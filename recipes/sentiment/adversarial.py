@@ -1,8 +1,8 @@
 """Adversarial and virtual adversarial training on the embeddings (Miyato, Dai & Goodfellow,
 ICLR 2017), in Keras `fit`: `training_model(model, config)`.
 
-With e the embedding layer's outputs (one vector per token), m the mask of a sequence's
-real tokens and ‖·‖ the L2 norm over all the real tokens of one sequence:
+With e the embedding layer's outputs (one vector per token) and ‖·‖ the L2 norm over all
+the real (unmasked) tokens of one sequence:
 
 * adversarial: r = ε·g/‖g‖, g = ∇_e loss(e) (a constant: no gradient through it); the
   loss gains `adversarial_weight` × loss(e + r);

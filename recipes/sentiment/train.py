@@ -165,8 +165,8 @@ def train_and_evaluate(config: Any, workdir: str,
         callbacks.append(explain.ExplainImages(logdir / "explain", config.explain_texts,
                                                vectorizer, config))
     history = trainer.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                        steps_per_epoch=steps_per_epoch, shuffle=False, callbacks=callbacks,
-                        verbose=summaries.progress_verbosity())
+                          steps_per_epoch=steps_per_epoch, shuffle=False, callbacks=callbacks,
+                          verbose=summaries.progress_verbosity())
     train_seconds = time.time() - start
 
     trainer.load_weights(checkpoints.best_checkpoint(workdir))
