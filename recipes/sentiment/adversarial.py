@@ -84,7 +84,7 @@ class AdversarialTraining(keras.Model):
     `({"tokens": tokens, "unlabeled": unlabelled tokens}, label)` for the virtual
     adversarial loss on unlabelled text too. Logs `adversarial_loss` and
     `virtual_adversarial_loss` (their weighted terms); `loss` is their sum with the
-    classification loss. Evaluation is the model's own.
+    classification loss (the terms that are on). Evaluation is the model's own.
     """
 
     def __init__(self, model: keras.Model, adversarial_epsilon: float = 0.0,
@@ -98,7 +98,9 @@ class AdversarialTraining(keras.Model):
         self.epsilon, self.virtual_epsilon = adversarial_epsilon, virtual_adversarial_epsilon
         self.weight, self.virtual_weight = adversarial_weight, virtual_adversarial_weight
         self.xi, self.seed = xi, seed
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in TERMS}
+        on = (adversarial_epsilon > 0, virtual_adversarial_epsilon > 0)
+        self.trackers = {name: keras.metrics.Mean(name=name)
+                         for name, logged in zip(TERMS, on, strict=True) if logged}
 
     def embedded(self, tokens: tf.Tensor) -> tf.Tensor:
         """The embedding's outputs, without the Keras mask they carry (the head computes the
@@ -185,8 +187,8 @@ class AdversarialTraining(keras.Model):
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(total * replicas, sample_weight=batch)
-        for name in TERMS:
-            self.trackers[name].update_state(out[name] * replicas, sample_weight=batch)
+        for name, tracker in self.trackers.items():
+            tracker.update_state(out[name] * replicas, sample_weight=batch)
         return self.compute_metrics(tokens, labels, out["probability"])
 
     def test_step(self, data: Any) -> dict[str, Any]:
