@@ -2,8 +2,9 @@
 
 The batches are the recipe's own (`recipes.sentiment.input_pipeline`, default config); the
 models are its Bi-LSTM classifier built from lstm_tf (`recipes.sentiment.model`; also on the
-step loop, and under the `mixed_bfloat16` policy), the same model of keras.layers, and of torch.nn, each trained as the recipe trains it (Adam, gradients
-clipped to norm 1 each, binary cross-entropy).
+step loop, and under the `mixed_bfloat16` policy), the same model of keras.layers, and of
+torch.nn, each trained as the recipe trains it (Adam, gradients clipped to norm 1 each, binary
+cross-entropy).
 """
 
 from __future__ import annotations

@@ -80,6 +80,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (discriminative rates; 1: one rate).
     config.pretrained_lr_scale = 1.0
     config.shuffle_buffer = 25000
+    # Adversarial training on the embeddings (Miyato et al. 2017; recipes/sentiment/
+    # adversarial.py, docs/recipes/sentiment.md). normalize_embeddings: the embedding's rows
+    # normalized by their frequency-weighted mean and variance (in the exported model too).
+    config.normalize_embeddings = False
+    # > 0: the loss also on the embedding outputs moved by this norm per review along the
+    # loss gradient, times adversarial_weight (0: off).
+    config.adversarial_epsilon = 0.0
+    config.adversarial_weight = 1.0
+    # > 0: plus KL(p(clean) || p(moved by this norm the way p changes most)), one power
+    # iteration from a random direction of norm virtual_adversarial_xi, times
+    # virtual_adversarial_weight, on the labelled batch and a batch of unlabeled_split
+    # (needs no labels; '': the labelled batch alone) (0: off).
+    config.virtual_adversarial_epsilon = 0.0
+    config.virtual_adversarial_weight = 1.0
+    config.virtual_adversarial_xi = 0.1
+    config.unlabeled_split = "unsupervised"  # IMDB's 50,000 unlabelled reviews
     # True: train on full batches only (each bucket's last, partial batch is dropped).
     # Under a multi-replica strategy, replicas then get equal shares of every batch, and
     # training matches one device up to rounding (replicas average their mean losses).
@@ -109,6 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.learning_rate = 5e-4
         config.epochs = 8  # the checkpoint with the best validation loss is kept
         config.explain_texts = ("我爱中国", "这本书非常好，我很喜欢", "质量太差了，非常失望")
+        config.unlabeled_split = ""  # (chinese_reviews has none)
     if arg == "pretrained":
         # Started from the language model of configs/language_model.py:imdb
         # (docs/recipes/sentiment.md):
@@ -145,6 +162,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.learning_rate = 1e-3
         config.shuffle_buffer = 512
         config.calibration_reviews = 64
+        config.unlabeled_split = "unsupervised[:512]" if arg == "smoke" else ""
     if arg == "zh_smoke":
         config.ngrams = 1
         config.train_split = "train[:768]"

@@ -178,6 +178,32 @@ def test_init_from_copies_the_language_models_words_and_lstm(lm_imdb_run, tmp_pa
 
 
 @pytest.mark.slow
+def test_init_from_with_normalized_embeddings_and_adversarial_training(lm_imdb_run, tmp_path):
+    """The forward LSTM's input projection of the normalized rows is the language model's of
+    its rows (the LSTM starts from the language model's function); such a run trains with
+    both perturbations and exports."""
+    config = _sentiment_config(lm_imdb_run, normalize_embeddings=True, adversarial_epsilon=1.0,
+                               virtual_adversarial_epsilon=1.0, epochs=1)
+    _, lm_cfg, lm_vocab = pretrained.language_model(config)
+    vocab = pretrained.vocabulary(lm_vocab, config.vocab_size)
+    model = models.create_model(config)
+    layer, bidirectional = models.first_layers(model)
+    layer.frequencies.assign(np.random.default_rng(0).integers(0, 50, config.vocab_size))
+    pretrained.initialize(model, config, vocab)
+    lm = language_models.trained_step_model(lm_cfg, lm_vocab, lm_imdb_run)
+    rows = [0] + [lm_vocab.index(t) + 1 for t in vocab]  # ids 1, 2, ... in the LM's ids
+    kernel, _, bias = lm.get_layer("lstm0").get_weights()
+    cell = bidirectional.forward_layer.cell
+    theirs = lm.get_layer("embedding").get_weights()[0][rows] @ kernel + bias
+    ours = layer.embeddings.numpy()[1:len(rows) + 1] @ cell.kernel.numpy() + cell.bias.numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-4)
+
+    metrics = train.train_and_evaluate(config, str(tmp_path))
+    assert {"adversarial_loss", "virtual_adversarial_loss"} <= metrics["train"].keys()
+    assert (tmp_path / "export" / "1" / "saved_model.pb").exists()
+
+
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_language_models_and_resumes_without_them(
         lm_imdb_run, lm_imdb_backward_run, tmp_path):
     """A run from both language models killed (-9) after its first epoch and rerun, at a

@@ -7,6 +7,7 @@ import pathlib
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from recipes.common.data import load_tfds
@@ -96,14 +97,15 @@ def _at_least_one_step(ids: tf.Tensor) -> tf.Tensor:
 
 
 def _examples(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, config: Any,
-              training: bool) -> tf.data.Dataset:
-    """`(ids, label)` pairs, cached; training drops texts with no tokens."""
+              training: bool, cache: bool = True) -> tf.data.Dataset:
+    """`(ids, label)` pairs, cached (unless not `cache`); training drops texts with no
+    tokens."""
     ds = ds.map(
         lambda text, label: (vectorizer(text[None])[0, : config.max_length], label),
         num_parallel_calls=tf.data.AUTOTUNE)
     if training:
         ds = ds.filter(lambda ids, label: tf.size(ids) > 0)
-    return ds.cache()
+    return ds.cache() if cache else ds
 
 
 def _bucketed(ds: tf.data.Dataset, config: Any, drop_remainder: bool) -> tf.data.Dataset:
@@ -132,7 +134,8 @@ def batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization,
 
 
 def training_batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization,
-                     config: Any, first_epoch: int = 0) -> tuple[tf.data.Dataset, int]:
+                     config: Any, first_epoch: int = 0,
+                     unlabeled: tf.data.Dataset | None = None) -> tuple[tf.data.Dataset, int]:
     """Training batches of epochs `first_epoch` .. `config.epochs - 1`, and batches per epoch.
 
     Each epoch is the examples shuffled (seeded), then bucketed; its order is a
@@ -140,17 +143,43 @@ def training_batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectoriza
     second worker all see exactly the batches of an uninterrupted run on one
     device (a shuffle that reshuffles per iterator would depend on how many
     iterators were made: Keras makes an extra one under a distribution
-    strategy). With `config.drop_remainder`, only full batches.
+    strategy). With `config.drop_remainder`, only full batches. With `unlabeled`
+    (texts, labels ignored), each batch is `({"tokens": ids, "unlabeled": ids}, label)`:
+    beside every labelled batch a batch of unlabelled texts, from the unlabelled set
+    shuffled by (seed, epoch) as well.
     """
     examples = _examples(ds, vectorizer, config, training=True)
     steps = int(_bucketed(examples, config, config.drop_remainder).reduce(
         0, lambda count, _: count + 1))
 
     def epoch(e: int) -> tf.data.Dataset:
-        shuffled = examples.shuffle(config.shuffle_buffer, seed=config.seed * 100003 + e,
+        seed = config.seed * 100003 + e
+        shuffled = examples.shuffle(config.shuffle_buffer, seed=seed,
                                     reshuffle_each_iteration=False)
-        return _bucketed(shuffled, config, config.drop_remainder)
+        batches = _bucketed(shuffled, config, config.drop_remainder)
+        if unlabeled is None:
+            return batches
+        # Shuffled as text and not cached: an epoch reads only part of the unlabelled set,
+        # and tf.data discards a cache that was not read to its end.
+        texts = unlabeled.shuffle(config.shuffle_buffer, seed=seed,
+                                  reshuffle_each_iteration=False)
+        texts = _bucketed(_examples(texts, vectorizer, config, training=True, cache=False),
+                          config, config.drop_remainder).repeat()
+        return tf.data.Dataset.zip(batches, texts).map(
+            lambda labelled, other: ({"tokens": labelled[0], "unlabeled": other[0]},
+                                     labelled[1]))
 
     epochs = [epoch(e) for e in range(first_epoch, config.epochs)]
     ds = functools.reduce(tf.data.Dataset.concatenate, epochs) if epochs else examples.take(0)
     return shard_by_data(ds.prefetch(tf.data.AUTOTUNE)), steps
+
+
+def token_counts(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization,
+                 config: Any) -> np.ndarray:
+    """How often each id (`config.vocab_size` of them) is among the texts' first
+    `config.max_length` tokens (padding, id 0: never)."""
+    ids = ds.batch(1024).map(lambda text, label: vectorizer(text)[:, :config.max_length])
+    counts = ids.reduce(tf.zeros([config.vocab_size], tf.int64), lambda total, batch: total
+                        + tf.math.bincount(batch.flat_values, minlength=config.vocab_size,
+                                           maxlength=config.vocab_size, dtype=tf.int64))
+    return counts.numpy()

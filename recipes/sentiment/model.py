@@ -42,6 +42,51 @@ class MaskedMeanMaxPooling(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="recipes.sentiment")
+class NormalizedEmbedding(keras.layers.Layer):
+    """`keras.layers.Embedding` whose table is normalized before the lookup (Miyato et al.
+    2017): v̄_k = (v_k − E[v]) / √(Var[v] + 1e-6), E and Var per feature over the rows,
+    weighted by the tokens' training frequencies (`frequencies`, uniform until set).
+
+    Adversarial perturbations of a fixed norm then have the same size relative to every
+    run's embedding, which cannot grow to make them negligible. `embeddings` is the
+    normalized table (what serving folds and deployed models hold); `table` is the trained
+    variable.
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, mask_zero: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.input_dim, self.output_dim, self.mask_zero = input_dim, output_dim, mask_zero
+        self.supports_masking = mask_zero
+
+    def build(self, input_shape: tuple | None = None) -> None:
+        self.table = self.add_weight(shape=(self.input_dim, self.output_dim),
+                                     initializer="uniform", name="embeddings")
+        self.frequencies = self.add_weight(shape=(self.input_dim,), initializer="ones",
+                                           trainable=False, name="frequencies")
+
+    @property
+    def embeddings(self) -> Any:
+        weights = self.frequencies / ops.sum(self.frequencies)
+        mean = ops.sum(weights[:, None] * self.table, axis=0)
+        variance = ops.sum(weights[:, None] * ops.square(self.table - mean), axis=0)
+        return (self.table - mean) / ops.sqrt(variance + 1e-6)
+
+    def call(self, ids: Any) -> Any:
+        return ops.take(self.embeddings, ops.cast(ids, "int32"), axis=0)
+
+    def compute_mask(self, ids: Any, mask: Any = None) -> Any:
+        return ops.not_equal(ids, 0) if self.mask_zero else None
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (*input_shape, self.output_dim)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "input_dim": self.input_dim,
+                "output_dim": self.output_dim, "mask_zero": self.mask_zero}
+
+
+@keras.saving.register_keras_serializable(package="recipes.sentiment")
 class HashedNgrams(keras.layers.Layer):
     """`(batch, time)` token ids, 0 = padding → `(batch, 1)`: a linear score of the n-grams.
 
@@ -99,8 +144,8 @@ def create_model(config: Any, batch_size: int | None = None,
         score = HashedNgrams(config.bag_ngrams, config.bag_buckets, name="ngrams")(tokens)
         probability = keras.layers.Activation("sigmoid", name="probability")(score)
         return keras.Model(tokens, probability, name="sentiment_ngrams")
-    x = keras.layers.Embedding(config.vocab_size, config.embedding_dim,
-                               mask_zero=mask_zero)(tokens)
+    embedding = NormalizedEmbedding if config.normalize_embeddings else keras.layers.Embedding
+    x = embedding(config.vocab_size, config.embedding_dim, mask_zero=mask_zero)(tokens)
     # Word dropout: drops whole token vectors (one draw per token, all features).
     x = keras.layers.Dropout(config.word_dropout, noise_shape=(None, None, 1))(x)
     x = keras.layers.Dropout(config.dropout)(x)
@@ -119,10 +164,22 @@ def create_model(config: Any, batch_size: int | None = None,
     return keras.Model(tokens, probability, name="sentiment_bilstm")
 
 
-def first_layers(model: keras.Model) -> tuple[keras.layers.Embedding, lstm_tf.Bidirectional]:
+def first_layers(model: keras.Model) -> tuple[keras.layers.Embedding | NormalizedEmbedding,
+                                              lstm_tf.Bidirectional]:
     """`create_model`'s embedding and its first Bi-LSTM layer."""
-    embedding = next(layer for layer in model.layers
-                     if isinstance(layer, keras.layers.Embedding))
+    embedding = embedding_layer(model)
     bidirectional = next(layer for layer in model.layers
                          if isinstance(layer, lstm_tf.Bidirectional))
     return embedding, bidirectional
+
+
+def embedding_layer(model: keras.Model) -> keras.layers.Embedding | NormalizedEmbedding:
+    """`model`'s (first) embedding layer."""
+    return next(layer for layer in model.layers
+                if isinstance(layer, (keras.layers.Embedding, NormalizedEmbedding)))
+
+
+def embedding_table(layer: keras.layers.Embedding | NormalizedEmbedding) -> keras.Variable:
+    """The trained variable of an embedding layer (for `NormalizedEmbedding`: before its
+    normalization)."""
+    return layer.table if isinstance(layer, NormalizedEmbedding) else layer.embeddings

@@ -3,7 +3,8 @@
 The language model (`configs/language_model.py:imdb`) reads IMDB text tokenized
 as this recipe tokenizes it, so the two share words: the run's vocabulary is the
 language model's (its most frequent words, `<eos>` left out), the embedding of
-each word is the language model's, and so are the forward LSTM's weights. The
+each word is the language model's, and so are the forward LSTM's weights (with
+`config.normalize_embeddings`, its input weights rescaled to the normalized rows). The
 backward LSTM starts at random, or, with `--config.init_backward_from=LM_WORKDIR`,
 from a backward language model (`configs/language_model.py:imdb_backward`: the
 same text read backwards, on the forward model's embedding, kept fixed, so both
@@ -130,12 +131,14 @@ def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
                           f"lacks ({missing[:3]}): it was not built from that model")
     (lm_embedding,) = lm.get_layer("embedding").get_weights()
     layer, first = models.first_layers(model)
-    (embedding,) = layer.get_weights()  # (rows past the vocabulary stay as they are)
+    table = models.embedding_table(layer)
+    embedding = table.numpy()  # (rows past the vocabulary stay as they are)
     rows = [0] + [lm_ids[t] for t in vocab]
     embedding[1:len(rows) + 1] = lm_embedding[rows]
     embedding[0] = 0.0  # padding (masked)
-    layer.set_weights([embedding])
+    table.assign(embedding)
     first.forward_layer.set_weights(lm.get_layer("lstm0").get_weights())
+    started = [first.forward_layer]
     if config.init_backward_from:
         path, lm_config, backward_vocab = language_model(config, backward=True)
         backward = language_models.trained_step_model(lm_config, backward_vocab, path)
@@ -146,3 +149,22 @@ def initialize(model: keras.Model, config: Any, vocab: list[str]) -> None:
                 "model's embedding is not the one of --config.init_from (train it with "
                 f"--config.embedding_from={config.init_from})")
         first.backward_layer.set_weights(backward.get_layer("lstm0").get_weights())
+        started.append(first.backward_layer)
+    if isinstance(layer, models.NormalizedEmbedding):
+        _undo_normalization(layer, started)
+
+
+def _undo_normalization(embedding: models.NormalizedEmbedding, lstms: list[Any]) -> None:
+    """Rescales the input weights of `lstms` so that they compute on the normalized rows
+    (v − μ)/σ what the language model computed on the rows v: with W' = diag(σ)·W and
+    b' = b + μ·W, x·W' + b' = v·W + b for every token. The language model's LSTMs start
+    from exactly their trained function."""
+    table = np.asarray(embedding.table.numpy(), np.float64)
+    weights = np.asarray(embedding.frequencies.numpy(), np.float64)
+    weights /= weights.sum()
+    mean = weights @ table
+    scale = np.sqrt(weights @ (table - mean) ** 2 + 1e-6)
+    for lstm in lstms:
+        kernel = np.asarray(lstm.cell.kernel.numpy(), np.float64)
+        lstm.cell.bias.assign((lstm.cell.bias.numpy() + mean @ kernel).astype(np.float32))
+        lstm.cell.kernel.assign((scale[:, None] * kernel).astype(np.float32))

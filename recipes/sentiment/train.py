@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
 
 from recipes.common import checkpoints, distribute, errors, exports, summaries, workdirs
-from recipes.sentiment import explain, input_pipeline, pretrained, serving
+from recipes.sentiment import adversarial, explain, input_pipeline, pretrained, serving
 from recipes.sentiment import model as models
 
 CONFIG_RULES = {
@@ -39,6 +39,13 @@ CONFIG_RULES = {
     "ngrams_lr_scale": (lambda v: v > 0, "positive"),
     "shuffle_buffer": (lambda v: isinstance(v, int) and v > 0, "a positive integer"),
     "fold_embedding": (lambda v: isinstance(v, bool), "True or False"),
+    "normalize_embeddings": (lambda v: isinstance(v, bool), "True or False"),
+    "adversarial_epsilon": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "virtual_adversarial_epsilon": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "adversarial_weight": (lambda v: v > 0, "positive"),
+    "virtual_adversarial_weight": (lambda v: v > 0, "positive"),
+    "virtual_adversarial_xi": (lambda v: v > 0, "positive"),
+    "unlabeled_split": (lambda v: isinstance(v, str), "a split name ('': none)"),
 }
 
 
@@ -94,6 +101,12 @@ def train_and_evaluate(config: Any, workdir: str,
     if config.init_from and config.model == "ngrams":
         raise errors.RecipeError("--config.init_from needs an LSTM: --config.model=bilstm or "
                                  "bilstm_ngrams (--config.model='ngrams' has none)")
+    if config.model == "ngrams" and (adversarial.enabled(config)
+                                     or config.normalize_embeddings):
+        raise errors.RecipeError(
+            "--config.adversarial_epsilon, --config.virtual_adversarial_epsilon and "
+            "--config.normalize_embeddings need an embedding: --config.model=bilstm or "
+            "bilstm_ngrams (--config.model='ngrams' has none)")
     if config.init_backward_from and not config.init_from:
         raise errors.RecipeError("--config.init_backward_from needs --config.init_from (the "
                                  "forward language model, whose words and embedding it shares)")
@@ -108,6 +121,9 @@ def train_and_evaluate(config: Any, workdir: str,
         if config.init_backward_from:
             pretrained.language_model(config, backward=True)
     train_raw, val_raw, test_raw = input_pipeline.load_splits(config)
+    unlabeled_raw = None
+    if config.virtual_adversarial_epsilon > 0 and config.unlabeled_split:
+        (unlabeled_raw,) = input_pipeline.load_texts(config, [config.unlabeled_split])
     strategy = strategy or tf.distribute.get_strategy()
     workdir = workdirs.start_run(config, workdir, strategy)
 
@@ -115,15 +131,22 @@ def train_and_evaluate(config: Any, workdir: str,
     # A resumed run goes on with the batches (and the weights) of its next epoch.
     first_epoch = checkpoints.completed_epochs(checkpoints.backup_dir(workdir, strategy))
     train_ds, steps_per_epoch = input_pipeline.training_batches(
-        train_raw, vectorizer, config, first_epoch=first_epoch)
+        train_raw, vectorizer, config, first_epoch=first_epoch, unlabeled=unlabeled_raw)
     val_ds = input_pipeline.batches(val_raw, vectorizer, config)
     test_ds = input_pipeline.batches(test_raw, vectorizer, config)
 
     with strategy.scope():
         model = models.create_model(config)
-        if config.init_from and not first_epoch:  # (a resumed run restores its own weights)
-            pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
-        model.compile(
+        if not first_epoch:  # (a resumed run restores its own weights)
+            if config.normalize_embeddings:
+                models.embedding_layer(model).frequencies.assign(
+                    input_pipeline.token_counts(train_raw, vectorizer, config))
+            if config.init_from:
+                pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
+        # `model`, or a model on its layers that adds the adversarial losses: trained,
+        # checkpointed and evaluated; `model` alone is exported.
+        trainer = adversarial.training_model(model, config)
+        trainer.compile(
             optimizer=pretrained.optimizer(model, config,
                                            learning_rate(config, steps_per_epoch)),
             loss="binary_crossentropy",
@@ -141,17 +164,18 @@ def train_and_evaluate(config: Any, workdir: str,
     if config.model != "ngrams":
         callbacks.append(explain.ExplainImages(logdir / "explain", config.explain_texts,
                                                vectorizer, config))
-    history = model.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
-                        initial_epoch=first_epoch, steps_per_epoch=steps_per_epoch,
-                        shuffle=False, callbacks=callbacks, verbose=summaries.progress_verbosity())
+    history = trainer.fit(train_ds, validation_data=val_ds, epochs=config.epochs,
+                          initial_epoch=first_epoch, steps_per_epoch=steps_per_epoch,
+                          shuffle=False, callbacks=callbacks,
+                          verbose=summaries.progress_verbosity())
     train_seconds = time.time() - start
 
-    model.load_weights(checkpoints.best_checkpoint(workdir))
+    trainer.load_weights(checkpoints.best_checkpoint(workdir))
     metrics = {
         "train": {k: float(v[-1]) for k, v in history.history.items()
                   if not k.startswith("val_")} if history.history else {},
-        "validation": model.evaluate(val_ds, return_dict=True, verbose=0),
-        "test": model.evaluate(test_ds, return_dict=True, verbose=0),
+        "validation": trainer.evaluate(val_ds, return_dict=True, verbose=0),
+        "test": trainer.evaluate(test_ds, return_dict=True, verbose=0),
     }
     if distribute.is_chief(strategy):
         exported = exports.export_saved_model(
