@@ -140,9 +140,7 @@ def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
         state after each sequence's last real step (C_0 without `final_cell`).
     """
     steps = tf.shape(x)[1]
-    x = tf.pad(x, [[0, 0], [0, _bucketed(steps) - steps], [0, 0]])
-    xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
-                    tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))
+    xw = _projected(tf.pad(x, [[0, 0], [0, _bucketed(steps) - steps], [0, 0]]), kernel)
     hs, c = _INFERENCE[final_cell](xw, lengths, h0, c0, recurrent_kernel, bias, steps)
     # h after each sequence's last real step (h_0 for an empty one); `hs` has steps.
     h = tf.gather(hs, tf.maximum(lengths - 1, 0), axis=1, batch_dims=1)
@@ -472,12 +470,16 @@ def _training(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
     # cannot compile an empty loop's arrays), then x_t·W for all steps as one 2-D
     # matmul (its gradients too; faster than `einsum`).
     x = tf.pad(tf.transpose(x, [1, 0, 2]), [[0, _bucketed(steps) - steps], [0, 0], [0, 0]])
-    xw = tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
-                    tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))
-    xw = tf.cast(xw, recurrent_kernel.dtype)  # (mixed precision: see `run`)
+    xw = tf.cast(_projected(x, kernel), recurrent_kernel.dtype)  # (mixed precision: see `run`)
     hs, h_last, c_last = _bucketed_recurrence(xw, steps, lengths, h0, c0, recurrent_kernel,
                                               bias)
     return tf.transpose(_first_steps(hs, steps), [1, 0, 2]), h_last, c_last
+
+
+def _projected(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """`[T1, T2, 4M]` x·W of `x` `[T1, T2, D]` as one 2-D matmul (faster than `einsum`)."""
+    return tf.reshape(tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), kernel),
+                      tf.concat([tf.shape(x)[:2], tf.shape(kernel)[-1:]], 0))
 
 
 def keras_outputs(h_seq: tf.Tensor, h_last: tf.Tensor, lengths: tf.Tensor | None,

@@ -129,7 +129,7 @@ class LSTM(keras.layers.RNN):
         if not self.can_fuse(training):
             return False
         return (self.fused is True or not training or self.units not in STEP_LOOP_TRAINING_UNITS
-                or self.compute_dtype != "float32")  # (the step loop is slower in 16 bits)
+                or self.compute_dtype in ("float16", "bfloat16"))  # (16-bit steps are slower)
 
     def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool = False) -> tuple:

@@ -71,6 +71,7 @@ def test_auto_picks_the_fused_path_when_it_applies():
         assert not lstm_tf.LSTM(units, fused=False).uses_fused_path(training=False)
         # (The step loop in 16 bits is slower than the fused path, which runs in float32.)
         assert lstm_tf.LSTM(units, dtype="mixed_bfloat16").uses_fused_path()
+        assert lstm_tf.LSTM(units, dtype="float64").uses_fused_path() == (units not in step_loop)
     assert not lstm_tf.LSTM(U, recurrent_dropout=0.1).uses_fused_path()
     assert lstm_tf.LSTM(U, recurrent_dropout=0.1).uses_fused_path(training=False)
     assert not lstm_tf.LSTM(U, activation="relu").uses_fused_path()
