@@ -45,9 +45,13 @@ def parse_config(recipe: str, *args: str):  # noqa: ANN201
     return holder.value
 
 
-def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120,
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 1800,
                interval: float = 0.02) -> bool:
-    """Polls `condition` until it holds, `proc` exits or `timeout` passes; returns it."""
+    """Polls `condition` until it holds, `proc` exits or `timeout` passes; returns it.
+
+    (`timeout` only guards against a hung process: a slow machine may take minutes
+    to reach what a test waits for.)
+    """
     deadline = time.time() + timeout
     while not condition() and proc.poll() is None and time.time() < deadline:
         time.sleep(interval)

@@ -221,7 +221,7 @@ def test_fine_tuning_starts_from_the_language_models_and_resumes_without_them(
          *(f"--config.{k}={v}" for k, v in settings.items())],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metadata = workdir / "backup" / "state" / "training_metadata.json"
-    assert wait_until(metadata.exists, proc, timeout=600), proc.communicate()[1][-3000:]
+    assert wait_until(metadata.exists, proc), proc.communicate()[1][-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (workdir / "metrics.json").exists()
