@@ -309,14 +309,16 @@ def _loop(steps: tf.Tensor, body: Any, state: list, outputs: list[tuple[tf.Tenso
                              element_shape=[like.shape[0], width])
               for like, width in outputs]
 
-    def loop_body(k, *carried):
-        t = steps - 1 - k if reverse else k
+    # The step t is carried, not computed from `steps` in the body: a `steps` the body
+    # reads would have to be a compile-time constant (XLA would compile once per length).
+    def loop_body(k, t, *carried):
         state, values = body(t, *carried[:len(carried) - len(arrays)])
         written = [a.write(t, v) for a, v in zip(carried[len(state):], values, strict=True)]
-        return (k + 1, *state, *written)
+        return (k + 1, t - 1 if reverse else t + 1, *state, *written)
 
-    _, *carried = tf.while_loop(lambda k, *_: k < steps, loop_body, [0, *state, *arrays],
-                                maximum_iterations=steps)
+    first = steps - 1 if reverse else 0
+    _, _, *carried = tf.while_loop(lambda k, *_: k < steps, loop_body,
+                                   [0, first, *state, *arrays], maximum_iterations=steps)
     return carried[:len(state)], [a.stack() for a in carried[len(state):]]
 
 

@@ -1,10 +1,13 @@
 """The fused path against the step-by-step path: same outputs, states and gradients."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import lstm_tf
+from lstm_tf import fused as fused_lib
 
 B, T, D, U = 4, 9, 6, 5  # T not a multiple of the unroll factor
 
@@ -216,3 +219,29 @@ def test_mixed_precision_matches_float32(policy, tolerance, fused, bidirectional
         np.testing.assert_allclose(tf.cast(a, tf.float32), b, atol=tolerance)
     for a, b in zip(grad_m, grad_e, strict=True):
         np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+
+
+def test_no_loop_compiles_per_sequence_length():
+    """Every argument of each XLA-compiled loop stays a parameter of its compiled program:
+    none is folded in as a compile-time constant, so batches of any length within a bucket
+    of `TIME_BUCKET` steps share one compilation (XLA compiles once per constant value)."""
+    steps, m = 7, 3
+    padded = fused_lib._bucketed(steps)
+    lengths, steps, h = tf.constant([7, 2, 5, 0]), tf.constant(steps), tf.zeros([4, m])
+    kernel, bias = tf.zeros([m, 4 * m]), tf.zeros([4 * m])
+    by_time, gates = tf.zeros([padded, 4, m]), tf.zeros([padded, 4, 4 * m])
+    compiled = fused_lib._compiled(m)
+    calls = {
+        "forward": (compiled.forward, (gates, steps, h, h, kernel, bias)),
+        "backward": (compiled.backward,
+                     (by_time, h, h, steps, lengths, by_time, gates, h, kernel)),
+        "infer": (compiled.infer_final_cell,
+                  (tf.transpose(gates, [1, 0, 2]), lengths, h, h, kernel, bias, steps)),
+        "pool": (compiled.pool, (gates, lengths, kernel)),
+    }
+    for name, (function, args) in calls.items():
+        options = {"final_cell": True} if name == "infer" else {}  # (a functools.partial)
+        hlo = function.experimental_get_compiler_ir(*args, **options)(stage="hlo")
+        entry = hlo[hlo.index("\nENTRY"):]
+        parameters = set(re.findall(r"parameter\((\d+)\)", entry[:entry.index("\n}")]))
+        assert len(parameters) == len(args), name
