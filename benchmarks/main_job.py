@@ -31,7 +31,8 @@ def recipe_batches(count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     with tempfile.TemporaryDirectory() as tmp:
         vectorizer = input_pipeline.make_vectorizer(CONFIG, train, pathlib.Path(tmp) / "vocab")
     batches, _ = input_pipeline.training_batches(train, vectorizer, CONFIG)
-    return [(ids.numpy(), labels.numpy()) for ids, labels in batches.take(count)]
+    # (The first batches are full ones: their weights are all 1.)
+    return [(ids.numpy(), labels.numpy()) for ids, labels, _ in batches.take(count)]
 
 
 def contender(name: str) -> Callable[[np.ndarray, np.ndarray], object]:

@@ -252,3 +252,56 @@ def test_killed_run_resumes_and_ends_as_if_never_killed(tmp_path):
         return {split: metrics[split] for split in ("train", "validation", "test")}
 
     assert results(killed) == results(tmp_path / "uninterrupted")
+
+
+def _filled(tokens: np.ndarray, labels: np.ndarray, rows: int) -> tuple:
+    """`(tokens, labels, weights)` filled up to `rows` rows with empty ones of weight 0."""
+    extra = rows - len(tokens)
+    return (np.pad(tokens, [[0, extra], [0, 0]]), np.pad(labels, [0, extra]),
+            np.pad(np.ones(len(tokens), np.float32), [0, extra]))
+
+
+def _recipe_trainers(**overrides) -> list[keras.Model]:
+    """Two equal models of the smoke config (no dropout), compiled as the recipe does."""
+    config = sentiment_config.get_config("smoke")
+    config.update(word_dropout=0.0, dropout=0.0, vocab_size=16, **overrides)
+    trainers = []
+    for _ in range(2):
+        keras.utils.set_random_seed(3)
+        trainers.append(train.compiled_trainer(models.create_model(config), config, 10))
+    return trainers
+
+
+@pytest.mark.parametrize("perturbations", [{}, {"adversarial_epsilon": 0.5}])
+def test_a_filled_up_batch_trains_as_its_real_rows_alone(perturbations):
+    """The recipe's compiled loss and metrics on a batch filled up with empty rows of weight 0
+    (input_pipeline.training_batches): the steps and logs of its real rows alone."""
+    alone, filled = _recipe_trainers(**perturbations)
+    tokens, labels, weights = _filled(TOKENS, LABELS, 8)
+    for _ in range(2):
+        expected = alone.train_on_batch(TOKENS, LABELS, return_dict=True)
+        logs = filled.train_on_batch(tokens, labels, sample_weight=weights, return_dict=True)
+    assert logs.keys() == expected.keys()
+    for name in logs:
+        assert logs[name] == pytest.approx(expected[name], rel=1e-5), name
+    for a, b in zip(alone.get_weights(), filled.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_virtual_adversarial_loss_of_a_filled_up_batch_is_that_of_its_real_rows():
+    alone, filled = _recipe_trainers(virtual_adversarial_epsilon=0.5)
+    tokens, labels, weights = _filled(TOKENS, LABELS, 8)
+    direction = tf.random.normal([3, 6, 16], seed=4)
+    out, gradients = alone.adversarial_losses(tf.constant(TOKENS), tf.constant(LABELS),
+                                              training=False, direction=direction)
+    other, other_gradients = filled.adversarial_losses(
+        tf.constant(tokens), tf.constant(labels), training=False,
+        direction=tf.pad(direction, [[0, 5], [0, 0], [0, 0]]), sample_weight=weights)
+    assert float(out["virtual_adversarial_loss"]) > 0
+    for name in ("loss", "virtual_adversarial_loss"):
+        assert float(other[name]) == pytest.approx(float(out[name]), rel=1e-4), name
+    np.testing.assert_allclose(other["virtual_adversarial_r"][:3], out["virtual_adversarial_r"],
+                               rtol=1e-4, atol=1e-7)
+    for a, b in zip(gradients, other_gradients, strict=True):
+        np.testing.assert_allclose(tf.convert_to_tensor(a), tf.convert_to_tensor(b),
+                                   rtol=1e-4, atol=1e-6)

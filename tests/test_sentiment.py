@@ -23,7 +23,7 @@ from recipe_testing import (
 
 from configs import sentiment as sentiment_config
 from recipes.common.errors import RecipeError
-from recipes.sentiment import deploy, train
+from recipes.sentiment import deploy, input_pipeline, train
 
 SERVING_INPUTS = ["", "   \t\n", "great " * 20000, "我爱中国", "😀🎬👍",
                   "A wonderful, moving film.", "Dreadful. The worst acting I have ever seen."]
@@ -52,6 +52,31 @@ def test_test_accuracy_is_the_exports_accuracy(sentiment_run):
     scored = deploy.accuracy(str(sentiment_run / "export"), config, config.test_split)
     assert scored["examples"] == 256
     assert scored["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=1e-6)
+
+
+def test_training_batches_are_full_and_hold_every_review_once_per_epoch(tmp_path):
+    config = sentiment_config.get_config("smoke")
+    train_raw, _, _ = input_pipeline.load_splits(config)
+    vectorizer = input_pipeline.make_vectorizer(config, train_raw, tmp_path / "vocab.txt")
+    texts, labels = next(iter(train_raw.batch(10**6)))
+    ids = input_pipeline.to_ids(vectorizer, texts, config.max_length).numpy()
+    reviews = sorted((tuple(np.trim_zeros(row, "b")), label)
+                     for row, label in zip(ids, labels.numpy(), strict=True) if row[0])
+
+    ds, steps = input_pipeline.training_batches(train_raw, vectorizer, config)
+    batches = [[t.numpy() for t in batch] for batch in ds]
+    assert len(batches) == config.epochs * steps
+    filled = 0
+    for e in range(config.epochs):
+        rows = []
+        for ids, labels, weights in batches[e * steps:(e + 1) * steps]:
+            assert len(ids) == len(labels) == config.batch_size
+            np.testing.assert_array_equal(weights, ids[:, 0] != 0)  # rows filling it: empty
+            filled += int(weights.min() == 0)
+            rows += [(tuple(np.trim_zeros(row, "b")), label)
+                     for row, label, weight in zip(ids, labels, weights, strict=True) if weight]
+        assert sorted(rows) == reviews
+    assert filled > 0  # (buckets' last batches)
 
 
 def test_tensorboard_tags(sentiment_run):

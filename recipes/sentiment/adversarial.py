@@ -46,21 +46,25 @@ def adversarial_perturbation(gradient: tf.Tensor, mask: tf.Tensor, epsilon: floa
     return epsilon * unit_per_sequence(tf.stop_gradient(gradient), mask)
 
 
-def divergence(p: tf.Tensor, q: tf.Tensor) -> tf.Tensor:
+def divergence(p: tf.Tensor, q: tf.Tensor,
+               sample_weight: tf.Tensor | None = None) -> tf.Tensor:
     """Mean KL(p ‖ q) of Bernoulli distributions given by P(positive) `[batch, 1]`
-    (`keras.losses.KLDivergence` on [1 − p, p]: Keras's reduction, also across replicas)."""
-    return keras.losses.KLDivergence()(tf.concat([1 - p, p], -1), tf.concat([1 - q, q], -1))
+    (`keras.losses.KLDivergence` on [1 − p, p]: Keras's reduction, also across replicas),
+    weighted by `sample_weight` `[batch]` (default: all rows alike)."""
+    return keras.losses.KLDivergence(reduction="mean_with_sample_weight")(
+        tf.concat([1 - p, p], -1), tf.concat([1 - q, q], -1), sample_weight=sample_weight)
 
 
 def virtual_adversarial_perturbation(probability_of: Probability, embedded: tf.Tensor,
                                      mask: tf.Tensor, target: tf.Tensor, epsilon: float,
-                                     xi: float, direction: tf.Tensor) -> tf.Tensor:
+                                     xi: float, direction: tf.Tensor,
+                                     sample_weight: tf.Tensor | None = None) -> tf.Tensor:
     """r = ε·g/‖g‖, g = ∇_d KL(target ‖ p(embedded + d)) at d = ξ·u/‖u‖ (`direction` u):
     one power iteration towards the direction the prediction changes most in."""
     d = xi * unit_per_sequence(direction, mask)
     with tf.GradientTape() as tape:
         tape.watch(d)
-        kl = divergence(target, probability_of(tf.stop_gradient(embedded) + d))
+        kl = divergence(target, probability_of(tf.stop_gradient(embedded) + d), sample_weight)
     return adversarial_perturbation(tape.gradient(kl, d), mask, epsilon)
 
 
@@ -115,9 +119,13 @@ class AdversarialTraining(keras.Model):
     def adversarial_losses(self, tokens: tf.Tensor, labels: tf.Tensor,
                            unlabeled: tf.Tensor | None = None, training: bool = True,
                            direction: tf.Tensor | None = None,
+                           sample_weight: tf.Tensor | None = None,
                            ) -> tuple[dict[str, tf.Tensor], list[Any]]:
         """The losses of one batch, and the gradients of their sum w.r.t.
         `trainable_variables`.
+
+        `sample_weight` `[batch]`: 1 for the batch's real rows, 0 for the rows filling it up
+        (default: all real); the losses are means over the real rows.
 
         Losses: `loss` (the compiled one), `adversarial_loss`, `virtual_adversarial_loss`
         (weighted; 0 when off); also `probability` (clean) and the perturbations
@@ -137,7 +145,8 @@ class AdversarialTraining(keras.Model):
             embedded = self.embedded(tokens)
             tape.watch(embedded)
             probability = self.head([tokens, embedded], training=training)
-            loss = self.compute_loss(x=tokens, y=labels, y_pred=probability)
+            loss = self.compute_loss(x=tokens, y=labels, y_pred=probability,
+                                     sample_weight=sample_weight)
         clean, gradient = gradients(loss, tape, embedded)
         out = {"probability": probability, "loss": loss}
         out["adversarial_loss"] = out["virtual_adversarial_loss"] = tf.zeros_like(loss)
@@ -146,7 +155,8 @@ class AdversarialTraining(keras.Model):
             r = adversarial_perturbation(gradient, mask, self.epsilon)
             with tf.GradientTape() as tape:
                 perturbed = self.head([tokens, self.embedded(tokens) + r], training=training)
-                term = self.weight * keras.losses.BinaryCrossentropy()(labels, perturbed)
+                term = self.weight * keras.losses.BinaryCrossentropy(
+                    reduction="mean_with_sample_weight")(labels, perturbed, sample_weight)
             parts.append(gradients(term, tape)[0])
             out["adversarial_r"], out["adversarial_loss"] = r, term
         if self.virtual_epsilon > 0:
@@ -157,6 +167,9 @@ class AdversarialTraining(keras.Model):
                 tokens = tf.concat([_padded_to(tokens, time), _padded_to(unlabeled, time)], 0)
                 target = tf.concat([target, other], 0)
                 mask = tf.not_equal(tokens, 0)
+                if sample_weight is not None:
+                    sample_weight = tf.concat(
+                        [sample_weight, tf.ones_like(other[:, 0], sample_weight.dtype)], 0)
             embedded = self.embedded(tokens)
             if direction is None:
                 step = tf.cast(self.optimizer.iterations, tf.int32)
@@ -166,30 +179,33 @@ class AdversarialTraining(keras.Model):
                 return self.head([tokens, x], training=training)
 
             r = virtual_adversarial_perturbation(probability_of, embedded, mask, target,
-                                                 self.virtual_epsilon, self.xi, direction)
+                                                 self.virtual_epsilon, self.xi, direction,
+                                                 sample_weight)
             with tf.GradientTape() as tape:
                 term = self.virtual_weight * divergence(
-                    target, probability_of(self.embedded(tokens) + r))
+                    target, probability_of(self.embedded(tokens) + r), sample_weight)
             parts.append(gradients(term, tape)[0])
             out["virtual_adversarial_r"], out["virtual_adversarial_loss"] = r, term
         return out, [_sum(g) for g in zip(*parts, strict=True)]
 
     def train_step(self, data: Any) -> dict[str, Any]:
-        x, labels = data[:2]
+        x, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         tokens, unlabeled = (x["tokens"], x["unlabeled"]) if isinstance(x, dict) else (x, None)
-        out, gradients = self.adversarial_losses(tokens, labels, unlabeled)
+        out, gradients = self.adversarial_losses(tokens, labels, unlabeled,
+                                                 sample_weight=sample_weight)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=True))
         # Keras's losses are divided by the number of replicas (their gradients add up);
         # the logged means are per example.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        batch = tf.shape(tokens)[0]
+        batch = tf.shape(tokens)[0] if sample_weight is None else tf.reduce_sum(sample_weight)
         total = out["loss"] + sum(out[name] for name in TERMS)
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(total * replicas, sample_weight=batch)
         for name, tracker in self.trackers.items():
             tracker.update_state(out[name] * replicas, sample_weight=batch)
-        return self.compute_metrics(tokens, labels, out["probability"])
+        return self.compute_metrics(tokens, labels, out["probability"],
+                                    sample_weight=sample_weight)
 
     def test_step(self, data: Any) -> dict[str, Any]:
         logs = super().test_step(data)

@@ -108,8 +108,14 @@ def _examples(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization, c
     return ds.cache() if cache else ds
 
 
-def _bucketed(ds: tf.data.Dataset, config: Any, drop_remainder: bool) -> tf.data.Dataset:
-    """Batches of reviews of similar length, right-padded with 0."""
+def _bucketed(ds: tf.data.Dataset, config: Any, drop_remainder: bool,
+              weighted: bool = False) -> tf.data.Dataset:
+    """Batches of reviews of similar length, right-padded with 0.
+
+    `weighted`: `(ids, label, weight)` batches of exactly `config.batch_size` rows, a
+    bucket's last, partial batch filled up with empty rows of weight 0 (the others 1),
+    so that the compiled LSTM loops see one batch size only.
+    """
     boundaries = list(range(config.bucket_width, config.max_length + 1, config.bucket_width))
     ds = ds.bucket_by_sequence_length(
         lambda ids, label: tf.size(ids),
@@ -117,7 +123,16 @@ def _bucketed(ds: tf.data.Dataset, config: Any, drop_remainder: bool) -> tf.data
         bucket_batch_sizes=[config.batch_size] * (len(boundaries) + 1),
         pad_to_bucket_boundary=False,
         drop_remainder=drop_remainder)
-    return ds.map(lambda ids, label: (_at_least_one_step(ids), label))
+    if not weighted:
+        return ds.map(lambda ids, label: (_at_least_one_step(ids), label))
+
+    def filled(ids: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        missing = config.batch_size - tf.shape(ids)[0]
+        weight = tf.pad(tf.ones_like(label, tf.float32), [[0, missing]])
+        return (tf.pad(_at_least_one_step(ids), [[0, missing], [0, 0]]),
+                tf.pad(label, [[0, missing]]), weight)
+
+    return ds.map(filled)
 
 
 def batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectorization,
@@ -143,10 +158,12 @@ def training_batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectoriza
     second worker all see exactly the batches of an uninterrupted run on one
     device (a shuffle that reshuffles per iterator would depend on how many
     iterators were made: Keras makes an extra one under a distribution
-    strategy). With `config.drop_remainder`, only full batches. With `unlabeled`
-    (texts, labels ignored), each batch is `({"tokens": ids, "unlabeled": ids}, label)`:
-    beside every labelled batch a batch of unlabelled texts, from the unlabelled set
-    shuffled by (seed, epoch) as well.
+    strategy). Batches are `(ids, label, weight)`, each of `config.batch_size`
+    rows: a bucket's last batch is filled up with empty rows of weight 0 (with
+    `config.drop_remainder`, it is dropped instead). With `unlabeled` (texts, labels
+    ignored), each is `({"tokens": ids, "unlabeled": ids}, label, weight)`: beside
+    every labelled batch a batch of unlabelled texts (not filled up), from the
+    unlabelled set shuffled by (seed, epoch) as well.
     """
     examples = _examples(ds, vectorizer, config, training=True)
     steps = int(_bucketed(examples, config, config.drop_remainder).reduce(
@@ -156,7 +173,7 @@ def training_batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectoriza
         seed = config.seed * 100003 + e
         shuffled = examples.shuffle(config.shuffle_buffer, seed=seed,
                                     reshuffle_each_iteration=False)
-        batches = _bucketed(shuffled, config, config.drop_remainder)
+        batches = _bucketed(shuffled, config, config.drop_remainder, weighted=True)
         if unlabeled is None:
             return batches
         # Shuffled as text and not cached: an epoch reads only part of the unlabelled set,
@@ -167,10 +184,10 @@ def training_batches(ds: tf.data.Dataset, vectorizer: keras.layers.TextVectoriza
                           config, config.drop_remainder).repeat()
         return tf.data.Dataset.zip(batches, texts).map(
             lambda labelled, other: ({"tokens": labelled[0], "unlabeled": other[0]},
-                                     labelled[1]))
+                                     *labelled[1:]))
 
     epochs = [epoch(e) for e in range(first_epoch, config.epochs)]
-    ds = functools.reduce(tf.data.Dataset.concatenate, epochs) if epochs else examples.take(0)
+    ds = functools.reduce(tf.data.Dataset.concatenate, epochs or [epoch(0).take(0)])
     return shard_by_data(ds.prefetch(tf.data.AUTOTUNE)), steps
 
 

@@ -82,6 +82,19 @@ def learning_rate(config: Any, steps_per_epoch: int) -> float | LearningRateSche
     return config.learning_rate
 
 
+def compiled_trainer(model: keras.Model, config: Any, steps_per_epoch: int) -> keras.Model:
+    """`model`, or a model on its layers that adds the adversarial losses
+    (`adversarial.training_model`), compiled as the recipe trains it: its optimizer
+    (`pretrained.optimizer`), and the loss and accuracy as means over a batch's rows of
+    weight 1 (`input_pipeline.training_batches` fills batches up with rows of weight 0)."""
+    trainer = adversarial.training_model(model, config)
+    trainer.compile(
+        optimizer=pretrained.optimizer(model, config, learning_rate(config, steps_per_epoch)),
+        loss=keras.losses.BinaryCrossentropy(reduction="mean_with_sample_weight"),
+        weighted_metrics=["accuracy"])
+    return trainer
+
+
 def train_and_evaluate(config: Any, workdir: str,
                        strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
     """Trains on config.train_split, keeps the best validation loss, tests, exports.
@@ -145,12 +158,7 @@ def train_and_evaluate(config: Any, workdir: str,
                 pretrained.initialize(model, config, vectorizer.get_vocabulary()[2:])
         # `model`, or a model on its layers that adds the adversarial losses: trained,
         # checkpointed and evaluated; `model` alone is exported.
-        trainer = adversarial.training_model(model, config)
-        trainer.compile(
-            optimizer=pretrained.optimizer(model, config,
-                                           learning_rate(config, steps_per_epoch)),
-            loss="binary_crossentropy",
-            metrics=["accuracy"])
+        trainer = compiled_trainer(model, config, steps_per_epoch)
     sample_texts, _ = next(iter(val_raw.batch(32)))
     logdir = workdir / "tensorboard"
     callbacks = checkpoints.training_callbacks(
