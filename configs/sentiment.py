@@ -96,7 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.virtual_adversarial_weight = 1.0
     config.virtual_adversarial_xi = 0.1
     config.unlabeled_split = "unsupervised"  # IMDB's 50,000 unlabelled reviews
-    # True: train on full batches only (each bucket's last, partial batch is dropped).
+    # True: train on full batches only (each bucket's last, partial batch is dropped; else
+    # it is filled up with empty rows of weight 0).
     # Under a multi-replica strategy, replicas then get equal shares of every batch, and
     # training matches one device up to rounding (replicas average their mean losses).
     config.drop_remainder = False
