@@ -4,16 +4,12 @@ normalized embedding, against references computed apart: the loss gradient by ha
 in NumPy; then end to end on the smoke configs (words with unlabelled text, characters)."""
 
 import json
-import signal
-import subprocess
-import sys
 
 import keras
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
-from recipe_testing import ROOT, run_recipe, wait_until
 
 import lstm_tf
 from configs import sentiment as sentiment_config
@@ -225,33 +221,6 @@ def test_recipe_trains_and_exports_the_plain_model(tmp_path, variant):
     served = loaded.signatures["serving_default"](text=tf.constant(texts))["probability"]
     np.testing.assert_allclose(served.numpy(), model(ids, training=False).numpy()[:, 0],
                                atol=1e-5)
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_and_ends_as_if_never_killed(tmp_path):
-    """kill -9 after epoch 1, rerun: the same metrics, bitwise (data order, dropout, and the
-    virtual adversarial random starts, seeded by the step)."""
-    args = ["--config=configs/sentiment.py:smoke", "--deterministic",
-            "--config.normalize_embeddings=True", "--config.adversarial_epsilon=1",
-            "--config.virtual_adversarial_epsilon=1"]
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "recipes.sentiment", f"--workdir={killed}",
-                             *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    metadata = killed / "backup" / "state" / "training_metadata.json"
-    wait_until(metadata.exists, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert json.loads(metadata.read_text())["epoch"] == 1, "not killed during epoch 2"
-    resumed = run_recipe("sentiment", f"--workdir={killed}", *args)
-    assert "Epoch 2/2" in resumed.stdout and "Epoch 1/2" not in resumed.stdout
-    run_recipe("sentiment", f"--workdir={tmp_path / 'uninterrupted'}", *args)
-
-    def results(workdir):
-        metrics = json.loads((workdir / "metrics.json").read_text())
-        return {split: metrics[split] for split in ("train", "validation", "test")}
-
-    assert results(killed) == results(tmp_path / "uninterrupted")
 
 
 def _filled(tokens: np.ndarray, labels: np.ndarray, rows: int) -> tuple:
