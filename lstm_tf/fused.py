@@ -21,9 +21,9 @@ What it does to be fast on a CPU (the speed it reaches against `keras.layers.LST
   reads each sequence reversed up to its length (`reverse_real_steps`). A
   mask that is not right-padded has each sequence's real steps gathered to the
   front first (`run`).
-* The backward loop does one element-wise pass and one matmul per step: every
-  factor of the chain rule that does not depend on the next step is computed
-  for all steps at once before it.
+* The backward loop does one element-wise pass and one matmul per step: each
+  step's factors of the chain rule come from its kept gates and C_t in that
+  pass (nothing of the sequence's length is computed before the loop).
 * The time axis is padded to a multiple of `TIME_BUCKET` steps (the loops stop
   at the real length), so that XLA compiles once per batch size and bucket of
   lengths rather than once per length.
@@ -345,28 +345,25 @@ def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, steps: tf.Tensor,
     """`(dz, dh0, dc0, d_bias)`; dz `[T, B, 4M]`: the gradient of z_t = x_t·W + h_{t-1}·U + b.
 
     Only two products depend on the step before: dh_{t-1} = dz_t·Uᵀ (+ the
-    outputs' own gradient) and dC_{t-1} = dC_t ⊙ f_t. Every other factor of the
-    chain rule is computed for all steps at once before the loop, so that the
-    loop does one element-wise pass and one matmul per step.
+    outputs' own gradient) and dC_{t-1} = dC_t ⊙ f_t. Each step's other factors
+    of the chain rule come from its kept gates and C_t inside the same
+    element-wise pass (computed for all steps before the loop, they would be
+    `[T, B, 4M]` more to write and read back).
     """
-    i, f, candidate, o = tf.split(gates, 4, axis=2)
-    c_prev = tf.concat([c0[None], cs[:-1]], 0)
-    tanh_c = tf.tanh(cs)
-    # The final state's gradient enters at each sequence's last real step.
-    last = tf.transpose(tf.one_hot(lengths - 1, tf.shape(cs)[0], dtype=cs.dtype))[:, :, None]
-    d_hs = d_hs + last * d_h
-    d_cs = last * d_c
-    dc_from_dh = o * (1 - tanh_c * tanh_c)  # dC_t/dh_t
-    # dz_t = [dC_t, dC_t, dC_t, dh_t] ⊙ local (through i_t, f_t, C̃_t and o_t)
-    local = tf.concat([candidate * i * (1 - i), c_prev * f * (1 - f),
-                       i * (1 - candidate * candidate), tanh_c * o * (1 - o)], 2)
     kernel_t = tf.transpose(recurrent_kernel)
 
     def body(t, dh_next, dc_next):
-        dh = d_hs[t] + dh_next
-        dc = dc_next + d_cs[t] + dh * dc_from_dh[t]
-        dz = tf.concat([dc, dc, dc, dh], 1) * local[t]
-        return (tf.matmul(dz, kernel_t), dc * f[t]), (dz,)
+        i, f, candidate, o = tf.split(gates[t], 4, axis=1)
+        c_prev = tf.where(t > 0, cs[tf.maximum(t - 1, 0)], c0)
+        tanh_c = tf.tanh(cs[t])
+        # The final state's gradient enters at each sequence's last real step.
+        last = (t == lengths - 1)[:, None]
+        dh = d_hs[t] + dh_next + tf.where(last, d_h, 0.0)
+        dc = dc_next + tf.where(last, d_c, 0.0) + dh * o * (1 - tanh_c * tanh_c)
+        # dz_t through i_t, f_t, C̃_t and o_t
+        dz = tf.concat([dc * candidate * i * (1 - i), dc * c_prev * f * (1 - f),
+                        dc * i * (1 - candidate * candidate), dh * tanh_c * o * (1 - o)], 1)
+        return (tf.matmul(dz, kernel_t), dc * f), (dz,)
 
     m = c0.shape[-1]
     (dh0, dc0), (dz,) = _loop(steps, body, [tf.zeros_like(c0), tf.zeros_like(c0)],
