@@ -12,12 +12,6 @@ from lstm_tf import conversion
 from lstm_tf import fused as fused_lib
 from lstm_tf.cell import LSTMCell
 
-# `fused="auto"` trains on the step loop in this range of units, where each step's h·U is
-# big enough that TensorFlow's own matmul kernel (the step loop's) beats the one inside
-# XLA's loop, and the loop small enough that the step loop's per-op overhead does not
-# dominate (docs/benchmarks.md). Elsewhere, and always at inference, the fused path.
-STEP_LOOP_TRAINING_UNITS = range(128, 256)
-
 # Every `LSTMCell` constructor argument after `units` (not `**kwargs`).
 _CELL_ARGS = tuple(inspect.signature(LSTMCell.__init__).parameters)[2:-1]
 
@@ -41,10 +35,8 @@ class LSTM(keras.layers.RNN):
             fixed batch size); clear it with `reset_state()`.
         unroll: Unroll the step loop (short sequences only).
         fused: `"auto"` (default) runs the fused path (`lstm_tf.fused`: the
-            recurrence compiled by XLA, a hand-written gradient) where it
-            applies: at inference, and in training except from 128 to 255
-            units in float32 (`STEP_LOOP_TRAINING_UNITS`, where the step loop
-            trains faster); the step-by-step `LSTMCell` loop elsewhere. Under
+            recurrence compiled by XLA, a hand-written gradient) wherever it
+            applies, and the step-by-step `LSTMCell` loop elsewhere. Under
             a mixed precision policy the fused path keeps h and C in float32
             (the outputs and states it returns are in the compute dtype). `False`
             always runs the step loop; `True` the fused path wherever it
@@ -102,7 +94,7 @@ class LSTM(keras.layers.RNN):
             **kwargs,
         )
         self.fused = fused
-        if fused is True and not self.can_fuse():
+        if fused is True and not self.uses_fused_path():
             raise ValueError(
                 "fused=True needs activation='tanh', recurrent_activation='sigmoid', "
                 "recurrent_dropout=0, unroll=False and no variant (peepholes, layer norm, "
@@ -112,8 +104,8 @@ class LSTM(keras.layers.RNN):
     def units(self) -> int:
         return self.cell.units
 
-    def can_fuse(self, training: bool = True) -> bool:
-        """Whether this configuration allows the fused path (for training calls, or not)."""
+    def uses_fused_path(self, training: bool = True) -> bool:
+        """Whether calls run on the fused path (`training`: training calls, else inference)."""
         cell = self.cell
         return (
             self.fused is not False
@@ -123,13 +115,6 @@ class LSTM(keras.layers.RNN):
             and not self.unroll
             and cell.is_plain
         )
-
-    def uses_fused_path(self, training: bool = True) -> bool:
-        """Whether calls run on the fused path (`training`: training calls, else inference)."""
-        if not self.can_fuse(training):
-            return False
-        return (self.fused is True or not training or self.units not in STEP_LOOP_TRAINING_UNITS
-                or self.compute_dtype in ("float16", "bfloat16"))  # (16-bit steps are slower)
 
     def inner_loop(self, sequences: Any, initial_state: Any, mask: Any,
                    training: bool = False) -> tuple:

@@ -65,16 +65,13 @@ def test_fused_equals_step_path(direction, masked, with_state, training):
 
 
 def test_auto_picks_the_fused_path_when_it_applies():
-    step_loop = lstm_tf.lstm.STEP_LOOP_TRAINING_UNITS
-    for units in (1, U, 64, step_loop.start - 1, step_loop.start, step_loop.stop - 1,
-                  step_loop.stop, 512):
-        assert lstm_tf.LSTM(units).uses_fused_path() == (units not in step_loop)
+    for units in (1, U, 64, 128, 255, 512):
+        assert lstm_tf.LSTM(units).uses_fused_path()
         assert lstm_tf.LSTM(units).uses_fused_path(training=False)
         assert lstm_tf.LSTM(units, fused=True).uses_fused_path()
         assert not lstm_tf.LSTM(units, fused=False).uses_fused_path(training=False)
-        # (The step loop in 16 bits is slower than the fused path, which runs in float32.)
         assert lstm_tf.LSTM(units, dtype="mixed_bfloat16").uses_fused_path()
-        assert lstm_tf.LSTM(units, dtype="float64").uses_fused_path() == (units not in step_loop)
+        assert lstm_tf.LSTM(units, dtype="float64").uses_fused_path()
     assert not lstm_tf.LSTM(U, recurrent_dropout=0.1).uses_fused_path()
     assert lstm_tf.LSTM(U, recurrent_dropout=0.1).uses_fused_path(training=False)
     assert not lstm_tf.LSTM(U, activation="relu").uses_fused_path()

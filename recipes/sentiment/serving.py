@@ -42,7 +42,7 @@ def probability_function(model: keras.Model, config: Any) -> Callable[[tf.Tensor
         return by_model
     embedding, bidirectional = models.first_layers(model)
     directions = (bidirectional.forward_layer, bidirectional.backward_layer)
-    if not all(layer.can_fuse(training=False) for layer in directions):
+    if not all(layer.uses_fused_path(training=False) for layer in directions):
         return by_model
     if config.fold_embedding:  # x_t·W + b of every vocabulary entry, per direction
         tables = [tf.Variable(tf.matmul(embedding.embeddings, layer.cell.kernel)
