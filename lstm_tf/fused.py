@@ -23,7 +23,7 @@ What it does to be fast on a CPU (the speed it reaches against `keras.layers.LST
   front first (`run`).
 * The backward loop does one element-wise pass and one matmul per step: each
   step's factors of the chain rule come from its kept gates and C_t in that
-  pass (nothing of the sequence's length is computed before the loop).
+  pass (nothing as long as the sequence is computed before the loop).
 * The time axis is padded to a multiple of `TIME_BUCKET` steps (the loops stop
   at the real length), so that XLA compiles once per batch size and bucket of
   lengths rather than once per length.
