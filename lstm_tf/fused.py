@@ -44,7 +44,8 @@ import tensorflow as tf
 
 
 def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-               recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
+               recurrent_kernel: tf.Tensor, bias: tf.Tensor,
+               bfloat16_gradient: bool = False) -> tuple:
     """All hidden states of one LSTM of M units, and its final state, for training.
 
     The loop keeps the gate activations for its hand-written gradient.
@@ -55,6 +56,9 @@ def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
         h0, c0: `[B, M]` initial states.
         recurrent_kernel: `[M, 4M]`.
         bias: `[4M]` (added inside the loop, where it costs nothing).
+        bfloat16_gradient: compute the recurrent kernel's gradient
+            Σ_t h_{t-1}ᵀ·dz_t from bfloat16 inputs (as under a `mixed_bfloat16`
+            policy; it accumulates in float32).
 
     Returns:
         `(H, h, C)`: H `[T, B, M]` h_t after every step; h, C `[B, M]` the state
@@ -62,42 +66,53 @@ def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
     """
     steps = tf.shape(xw)[0]
     xw = tf.pad(xw, [[0, _bucketed(steps) - steps], [0, 0], [0, 0]])
-    hs, h, c = _bucketed_recurrence(xw, steps, lengths, h0, c0, recurrent_kernel, bias)
+    hs, h, c = _BUCKETED_RECURRENCE[bfloat16_gradient](xw, steps, lengths, h0, c0,
+                                                       recurrent_kernel, bias)
     return _first_steps(hs, steps), h, c
 
 
-# (The compiled functions are called on `tf.stop_gradient`-ed inputs: a
-# gradient tape would otherwise ask TensorFlow to differentiate them itself,
-# which it cannot do through XLA's while loops; `tf.custom_gradient` supplies
-# the gradient instead.)
-@tf.custom_gradient
-def _bucketed_recurrence(xw, steps, lengths, h0, c0, recurrent_kernel, bias):
+def _bucketed_recurrence(bfloat16_gradient: bool) -> Any:
     """`recurrence` on `xw` padded to a multiple of `TIME_BUCKET` steps, `steps` of them real.
 
     (One compilation per bucket of lengths: XLA compiles for each shape, and a
     training set's batches come in many lengths. The loops stop at `steps`.)
     """
-    compiled = _compiled(h0.shape[-1])
-    hs, cs, gates = compiled.forward(*_unwatched(xw, steps, h0, c0, recurrent_kernel, bias))
-    h, c = (final_state(s, lengths, s0) for s, s0 in ((hs, h0), (cs, c0)))
+    # (The compiled functions are called on `tf.stop_gradient`-ed inputs: a
+    # gradient tape would otherwise ask TensorFlow to differentiate them itself,
+    # which it cannot do through XLA's while loops; `tf.custom_gradient` supplies
+    # the gradient instead.)
+    @tf.custom_gradient
+    def bucketed(xw, steps, lengths, h0, c0, recurrent_kernel, bias):  # noqa: ANN001, ANN202
+        compiled = _compiled(h0.shape[-1])
+        hs, cs, gates = compiled.forward(*_unwatched(xw, steps, h0, c0, recurrent_kernel, bias))
+        h, c = (final_state(s, lengths, s0) for s, s0 in ((hs, h0), (cs, c0)))
 
-    def grad(d_hs, d_h, d_c):
-        return _recurrence_gradient(d_hs, d_h, d_c, steps, lengths, hs, cs, gates, h0, c0,
-                                    recurrent_kernel)
+        def grad(d_hs, d_h, d_c):  # noqa: ANN001, ANN202
+            return _recurrence_gradient(d_hs, d_h, d_c, steps, lengths, hs, cs, gates, h0, c0,
+                                        recurrent_kernel, bfloat16_gradient)
 
-    return (hs, h, c), grad
+        return (hs, h, c), grad
+
+    return bucketed
+
+
+_BUCKETED_RECURRENCE = {bf16: _bucketed_recurrence(bf16) for bf16 in (False, True)}
 
 
 def _recurrence_gradient(d_hs, d_h, d_c, steps, lengths, hs, cs, gates, h0, c0,
-                         recurrent_kernel) -> tuple:
+                         recurrent_kernel, bfloat16_gradient=False) -> tuple:
     """`_bucketed_recurrence`'s gradients `(dxw, None, None, dh0, dc0, dU, db)`."""
     dz, dh0, dc0, d_bias = _compiled(h0.shape[-1]).backward(
         d_hs, d_h, d_c, steps, lengths, cs, gates, c0, recurrent_kernel)
     # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
-    # MatMul is the faster one for it).
+    # MatMul is the faster one for it; in bfloat16, oneDNN's on CPUs with
+    # bfloat16 instructions).
     m = h0.shape[-1]
     h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
-    d_kernel = tf.matmul(h_prev, tf.reshape(dz, [-1, 4 * m]), transpose_a=True)
+    dz_2d = tf.reshape(dz, [-1, 4 * m])
+    if bfloat16_gradient:
+        h_prev, dz_2d = tf.cast(h_prev, tf.bfloat16), tf.cast(dz_2d, tf.bfloat16)
+    d_kernel = tf.cast(tf.matmul(h_prev, dz_2d, transpose_a=True), dz.dtype)
     # Hand dz on (to the gradients of x and W) only after that matmul: run at
     # the same time, the matmuls compete for the same cores.
     with tf.control_dependencies([d_kernel]):
@@ -351,9 +366,15 @@ def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, steps: tf.Tensor,
     `[T, B, 4M]` more to write and read back).
     """
     kernel_t = tf.transpose(recurrent_kernel)
+    m = c0.shape[-1]
+    # Each gate's derivative from its activation g, as a + b·g - g² per column:
+    # σ' = g - g² (i, f, o), tanh' = 1 - g² (C̃); one pass over all four gates.
+    a = tf.repeat(tf.constant([0, 0, 1, 0], c0.dtype), m)
+    b = tf.repeat(tf.constant([1, 1, 0, 1], c0.dtype), m)
 
     def body(t, dh_next, dc_next):
-        i, f, candidate, o = tf.split(gates[t], 4, axis=1)
+        g = gates[t]
+        i, f, candidate, o = tf.split(g, 4, axis=1)
         c_prev = tf.where(t > 0, cs[tf.maximum(t - 1, 0)], c0)
         tanh_c = tf.tanh(cs[t])
         # The final state's gradient enters at each sequence's last real step.
@@ -361,11 +382,9 @@ def _backward(d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, steps: tf.Tensor,
         dh = d_hs[t] + dh_next + tf.where(last, d_h, 0.0)
         dc = dc_next + tf.where(last, d_c, 0.0) + dh * o * (1 - tanh_c * tanh_c)
         # dz_t through i_t, f_t, C̃_t and o_t
-        dz = tf.concat([dc * candidate * i * (1 - i), dc * c_prev * f * (1 - f),
-                        dc * i * (1 - candidate * candidate), dh * tanh_c * o * (1 - o)], 1)
+        dz = tf.concat([dc * candidate, dc * c_prev, dc * i, dh * tanh_c], 1) * (a + b * g - g * g)
         return (tf.matmul(dz, kernel_t), dc * f), (dz,)
 
-    m = c0.shape[-1]
     (dh0, dc0), (dz,) = _loop(steps, body, [tf.zeros_like(c0), tf.zeros_like(c0)],
                               [(c0, 4 * m)], reverse=True, size=tf.shape(cs)[0])
     empty = (lengths == 0)[:, None]  # the final state is the initial one
@@ -399,10 +418,11 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
     """
     # Mixed precision (x in float16 or bfloat16): the recurrence runs in float32,
     # h and C included (rounded to 16 bits at every step, C drifts over long
-    # sequences, and XLA's loops run slower in 16 bits on a CPU); only training's
-    # input projection stays in bfloat16, a fast oneDNN matmul on CPUs with bf16
-    # instructions (its float16 one is slower than float32's). The outputs and
-    # states come back in x's dtype, as the step path gives them.
+    # sequences, and XLA's loops are no faster in 16 bits on a CPU); only training's
+    # matmuls outside the loops stay in bfloat16 (the input projection, its
+    # gradients, the recurrent kernel's gradient), fast oneDNN matmuls on CPUs
+    # with bf16 instructions (its float16 one is slower than float32's). The
+    # outputs and states come back in x's dtype, as the step path gives them.
     dtype = x.dtype
     exact = tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
     projection = tf.bfloat16 if training and dtype == tf.bfloat16 else exact
@@ -470,8 +490,9 @@ def _training(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
     # matmul (its gradients too; faster than `einsum`).
     x = tf.pad(tf.transpose(x, [1, 0, 2]), [[0, _bucketed(steps) - steps], [0, 0], [0, 0]])
     xw = tf.cast(_projected(x, kernel), recurrent_kernel.dtype)  # (mixed precision: see `run`)
-    hs, h_last, c_last = _bucketed_recurrence(xw, steps, lengths, h0, c0, recurrent_kernel,
-                                              bias)
+    # (The recurrent kernel's gradient in the projection's dtype: bfloat16 under mixed_bfloat16.)
+    hs, h_last, c_last = _BUCKETED_RECURRENCE[kernel.dtype == tf.bfloat16](
+        xw, steps, lengths, h0, c0, recurrent_kernel, bias)
     return tf.transpose(_first_steps(hs, steps), [1, 0, 2]), h_last, c_last
 
 
