@@ -421,8 +421,9 @@ def run(x: tf.Tensor, kernel: Any, recurrent_kernel: Any, bias: Any, go_backward
     # sequences, and XLA's loops are no faster in 16 bits on a CPU); only training's
     # matmuls outside the loops stay in bfloat16 (the input projection, its
     # gradients, the recurrent kernel's gradient), fast oneDNN matmuls on CPUs
-    # with bf16 instructions (its float16 one is slower than float32's). The
-    # outputs and states come back in x's dtype, as the step path gives them.
+    # with bf16 instructions (under mixed_float16 they run in float32: TensorFlow's
+    # float16 matmul is slower there). The outputs and states come back in x's
+    # dtype, as the step path gives them.
     dtype = x.dtype
     exact = tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
     projection = tf.bfloat16 if training and dtype == tf.bfloat16 else exact
