@@ -27,14 +27,17 @@ def trace(layer: LSTM, sequences: Any, mask: Any = None) -> dict[str, tf.Tensor]
     Returns:
         `{"forget", "input", "output", "cell", "hidden"}`: f_t, i_t, o_t, C_t and
         h_t (after zoneout, as the layer carries them), each `(batch, timesteps,
-        units)` (h_t: `proj_size` wide with a projection), and `"mask"` `(batch, timesteps)` bool.
+        units)` (h_t: `proj_size` wide with a projection), and `"mask"` `(batch, timesteps)` bool;
+        in the variables' dtype (float32 under a mixed precision policy).
     """
     cell = layer.cell
-    x = tf.convert_to_tensor(sequences, dtype=cell.compute_dtype)
+    # In the variables' dtype: under a mixed precision policy too (float32 records of
+    # the float32 weights; `cell.step`, called outside the layer, computes in their dtype).
+    x = tf.cast(tf.convert_to_tensor(sequences), cell.variable_dtype)
     real = tf.ones(tf.shape(x)[:2], tf.bool) if mask is None else tf.cast(mask, tf.bool)
     if layer.go_backwards:
         x, real = tf.reverse(x, [1]), tf.reverse(real, [1])
-    h0, c0 = cell.get_initial_state(tf.shape(x)[0])
+    h0, c0 = (tf.cast(s, x.dtype) for s in cell.get_initial_state(tf.shape(x)[0]))
     names = ("forget", "input", "output", "cell", "hidden")
 
     def step(carried: tuple, inputs: tuple) -> tuple:

@@ -203,3 +203,20 @@ def test_trace_records_every_part_aligned_to_the_positions():
         for name in ("forget", "input", "output"):
             values = recorded[name].numpy()
             assert np.all(values[~mask] == 0) and np.all((values[mask] > 0) & (values[mask] < 1))
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_trace_of_a_mixed_precision_layer_is_the_float32_layers(policy):
+    """Under a mixed policy `trace` records in float32, from the float32 weights: the records of
+    the float32 layer with the same weights."""
+    x, _ = _inputs()
+    mask = np.arange(T)[None] < np.array([T, 4, 1])[:, None]
+    exact = lstm_tf.LSTM(U, return_sequences=True, use_peepholes=True)
+    mixed = lstm_tf.LSTM(U, return_sequences=True, use_peepholes=True, dtype=policy)
+    exact(x)
+    mixed(x)
+    mixed.set_weights(exact.get_weights())
+    expected, got = trace(exact, x, mask), trace(mixed, x, mask)
+    for name, values in expected.items():
+        assert got[name].dtype == values.dtype
+        np.testing.assert_array_equal(got[name], values)
