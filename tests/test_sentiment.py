@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import ml_collections
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from recipe_testing import (
 from configs import sentiment as sentiment_config
 from recipes.common.errors import RecipeError
 from recipes.sentiment import deploy, input_pipeline, train
+from recipes.sentiment import model as models
 
 SERVING_INPUTS = ["", "   \t\n", "great " * 20000, "我爱中国", "😀🎬👍",
                   "A wonderful, moving film.", "Dreadful. The worst acting I have ever seen."]
@@ -188,7 +190,38 @@ def _config(**overrides):
     return config
 
 
+def test_mixed_bfloat16_trains_in_bfloat16_and_exports_the_float32_model(tmp_path):
+    """`--config.dtype_policy=mixed_bfloat16`: the trained model's layers compute in bfloat16 on
+    float32 weights; the export is the float32 model with those weights: its probabilities are
+    the float32 model's from the best checkpoint, and its test accuracy is metrics.json's within
+    the bfloat16 rounding of a few of the 256 reviews."""
+    config = _config(dtype_policy="mixed_bfloat16", epochs=1, num_layers=2)  # (served by the model)
+    model = train.training_model(config)
+    _, bidirectional = models.first_layers(model)
+    assert bidirectional.forward_layer.compute_dtype == "bfloat16"
+    assert {w.dtype for w in model.weights} == {"float32"}
+    exact = train.float32_model(model, config)
+    assert exact is not model and exact.compute_dtype == "float32"
+    for a, b in zip(exact.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert train.float32_model(exact, config) is exact
+    ids = np.array([[5, 9, 3, 0], [7, 2, 0, 0]])
+    assert model(ids).dtype == "float32"  # (the probability layer's policy: float32 output)
+
+    workdir = tmp_path / "run"
+    metrics = train.train_and_evaluate(config, str(workdir))
+    exported = deploy.config_of(str(workdir / "export"))
+    assert exported.dtype_policy == "mixed_bfloat16"
+    scored = deploy.accuracy(str(workdir / "export"), exported, exported.test_split)
+    assert scored["accuracy"] == pytest.approx(metrics["test"]["accuracy"], abs=4 / 256)
+    serve = tf.saved_model.load(str(workdir / "export" / "1")).signatures["serving_default"]
+    served = serve(text=tf.constant(SERVING_INPUTS))["probability"].numpy()
+    np.testing.assert_allclose(served, _keras_probabilities(workdir, SERVING_INPUTS), atol=1e-5)
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is left as it was
+
+
 @pytest.mark.parametrize("overrides, message", [
+    ({"dtype_policy": "mixed_float16"}, "--config.dtype_policy='mixed_float16' is invalid"),
     ({"dataset": "no_such_dataset"}, "unknown TFDS dataset 'no_such_dataset'"),
     ({"download": False, "data_dir": "{tmp}/empty"}, "set TFDS_DATA_DIR"),
     ({"batch_size": 0}, "--config.batch_size=0 is invalid"),

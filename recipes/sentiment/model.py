@@ -158,9 +158,12 @@ def create_model(config: Any, batch_size: int | None = None,
         score = keras.layers.Add(name="score")([
             keras.layers.Dense(1, name="bilstm_score")(x),
             HashedNgrams(config.bag_ngrams, config.bag_buckets, name="ngrams")(tokens)])
-        probability = keras.layers.Activation("sigmoid", name="probability")(score)
+        probability = keras.layers.Activation("sigmoid", name="probability",
+                                              dtype="float32")(score)
         return keras.Model(tokens, probability, name="sentiment_bilstm_ngrams")
-    probability = keras.layers.Dense(1, activation="sigmoid", name="probability")(x)
+    # (In float32 under a mixed precision policy too: the loss is taken on it.)
+    probability = keras.layers.Dense(1, activation="sigmoid", name="probability",
+                                     dtype="float32")(x)
     return keras.Model(tokens, probability, name="sentiment_bilstm")
 
 

@@ -46,7 +46,30 @@ CONFIG_RULES = {
     "virtual_adversarial_weight": (lambda v: v > 0, "positive"),
     "virtual_adversarial_xi": (lambda v: v > 0, "positive"),
     "unlabeled_split": (lambda v: isinstance(v, str), "a split name ('': none)"),
+    "dtype_policy": (lambda v: v in ("float32", "mixed_bfloat16"),
+                     "'float32' or 'mixed_bfloat16'"),
 }
+
+
+def training_model(config: Any) -> keras.Model:
+    """`models.create_model(config)` under the Keras dtype policy `config.dtype_policy`
+    (its variables are float32 under any policy)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(config.dtype_policy)
+    try:
+        return models.create_model(config)
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def float32_model(model: keras.Model, config: Any) -> keras.Model:
+    """`model`, or under a mixed policy the float32 model of `config` with its weights (what
+    is exported: serving, `explain` and the deployment formats compute in float32)."""
+    if model.dtype_policy.name == "float32":
+        return model
+    exact = models.create_model(config)
+    exact.set_weights(model.get_weights())
+    return exact
 
 
 def export(model: keras.Model, vectorizer: keras.layers.TextVectorization, config: Any,
@@ -149,7 +172,7 @@ def train_and_evaluate(config: Any, workdir: str,
     test_ds = input_pipeline.batches(test_raw, vectorizer, config)
 
     with strategy.scope():
-        model = models.create_model(config)
+        model = training_model(config)
         if not first_epoch:  # (a resumed run restores its own weights)
             if config.normalize_embeddings:
                 models.embedding_layer(model).frequencies.assign(
@@ -187,6 +210,6 @@ def train_and_evaluate(config: Any, workdir: str,
     }
     if distribute.is_chief(strategy):
         exported = exports.export_saved_model(
-            lambda path: export(model, vectorizer, config, path), workdir)
+            lambda path: export(float32_model(model, config), vectorizer, config, path), workdir)
         metrics["export"] = str(exported)
     return workdirs.finish_run(workdir, metrics, start, train_seconds)
