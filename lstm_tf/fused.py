@@ -44,8 +44,7 @@ import tensorflow as tf
 
 
 def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-               recurrent_kernel: tf.Tensor, bias: tf.Tensor,
-               bfloat16_gradient: bool = False) -> tuple:
+               recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
     """All hidden states of one LSTM of M units, and its final state, for training.
 
     The loop keeps the gate activations for its hand-written gradient.
@@ -56,9 +55,6 @@ def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
         h0, c0: `[B, M]` initial states.
         recurrent_kernel: `[M, 4M]`.
         bias: `[4M]` (added inside the loop, where it costs nothing).
-        bfloat16_gradient: compute the recurrent kernel's gradient
-            Σ_t h_{t-1}ᵀ·dz_t from bfloat16 inputs (as under a `mixed_bfloat16`
-            policy; it accumulates in float32).
 
     Returns:
         `(H, h, C)`: H `[T, B, M]` h_t after every step; h, C `[B, M]` the state
@@ -66,8 +62,7 @@ def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
     """
     steps = tf.shape(xw)[0]
     xw = tf.pad(xw, [[0, _bucketed(steps) - steps], [0, 0], [0, 0]])
-    hs, h, c = _BUCKETED_RECURRENCE[bfloat16_gradient](xw, steps, lengths, h0, c0,
-                                                       recurrent_kernel, bias)
+    hs, h, c = _BUCKETED_RECURRENCE[False](xw, steps, lengths, h0, c0, recurrent_kernel, bias)
     return _first_steps(hs, steps), h, c
 
 
@@ -76,6 +71,8 @@ def _bucketed_recurrence(bfloat16_gradient: bool) -> Any:
 
     (One compilation per bucket of lengths: XLA compiles for each shape, and a
     training set's batches come in many lengths. The loops stop at `steps`.)
+    `bfloat16_gradient`: the recurrent kernel's gradient Σ_t h_{t-1}ᵀ·dz_t from
+    bfloat16 inputs (under a `mixed_bfloat16` policy; it accumulates in float32).
     """
     # (The compiled functions are called on `tf.stop_gradient`-ed inputs: a
     # gradient tape would otherwise ask TensorFlow to differentiate them itself,
