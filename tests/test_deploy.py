@@ -209,13 +209,15 @@ def test_missing_runtime_is_one_line(monkeypatch, sentiment_deployed, module, mo
 
 
 def test_export_command_line(sentiment_deployed):
-    """`export --format=...` through the entry point: writes and lists the file."""
-    path = sentiment_deployed / "deploy" / "model.tflite"
+    """`export --format=...` through the entry point: writes and lists the file, and nothing
+    else (not the int8 quantizer's settings line)."""
+    path = sentiment_deployed / "deploy" / "model_int8.tflite"
     before = path.stat().st_mtime_ns
     proc = run_recipe("sentiment", "export", f"--workdir={sentiment_deployed}",
-                      "--format=tflite")
+                      "--format=tflite_int8")
+    assert "fully_quantize" not in proc.stderr, proc.stderr
     name, size, printed = proc.stdout.strip().split("\t")
-    assert (name, printed) == ("tflite", str(path)) and path.stat().st_mtime_ns > before
+    assert (name, printed) == ("tflite_int8", str(path)) and path.stat().st_mtime_ns > before
     assert size == f"{path.stat().st_size / 2**20:.2f} MiB"
 
 

@@ -15,11 +15,15 @@ needs only LiteRT (`ai-edge-litert`) or onnxruntime at run time.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 import pathlib
+import re
+import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import keras
@@ -99,9 +103,31 @@ def tflite(model: keras.Model, quantization: str = "",
         converter = tf.lite.TFLiteConverter.from_saved_model(saved)
         if quantization:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantization == "int8":
-            converter.representative_dataset = representative
-        return converter.convert()
+        if quantization != "int8":
+            return converter.convert()
+        converter.representative_dataset = representative
+        # (TFLite's calibrating quantizer prints its settings to the C++ stderr, with no
+        # option or log level to silence it.)
+        with _native_stderr_without(r"fully_quantize: \d+, inference_type: "):
+            return converter.convert()
+
+
+@contextlib.contextmanager
+def _native_stderr_without(pattern: str) -> Iterator[None]:
+    """Inside, what native code writes to file descriptor 2 is held back; afterwards it goes
+    to `sys.stderr` without the lines that start with `pattern`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines = held.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not re.match(pattern, line)))
 
 
 def named_outputs(model: keras.Model, names: list[str] | None = None
