@@ -8,10 +8,12 @@ logging (TFDS's messages, the recipes' own details) shows warnings and errors on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator
 
 from absl import flags
 from absl import logging as absl_logging
@@ -25,27 +27,38 @@ def import_tensorflow_quietly() -> None:
     """`import tensorflow` with its C++ logging at fatal errors only, unless the environment
     sets TF_CPP_MIN_LOG_LEVEL (then as it says).
 
-    What TensorFlow logs while it loads ignores the level: stderr goes to a temporary file
-    meanwhile, and all of it but the INFO lines (and absl's notice) is copied to stderr.
+    What TensorFlow logs while it loads ignores the level: all of it but the INFO lines (and
+    absl's notice) reaches stderr (`native_stderr_without`).
     """
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
         import tensorflow  # noqa: F401
 
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    with native_stderr_without(_LOADING_NOISE):
+        import tensorflow  # noqa: F401
+
+
+@contextlib.contextmanager
+def native_stderr_without(noise: re.Pattern) -> Iterator[None]:
+    """Inside, what is written to file descriptor 2 (native code's stderr too) is held back;
+    afterwards it goes to `sys.stderr` without the lines that start with a match of `noise`.
+
+    (For C++ output that no option or log level silences.)
+    """
     sys.stderr.flush()
     stderr = os.dup(2)
-    with tempfile.TemporaryFile() as loading:
-        os.dup2(loading.fileno(), 2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401
+            yield
         finally:
             sys.stderr.flush()
             os.dup2(stderr, 2)
             os.close(stderr)
-            loading.seek(0)
-            for line in loading.read().decode(errors="replace").splitlines(keepends=True):
-                if not _LOADING_NOISE.match(line):
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                if not noise.match(line):
                     sys.stderr.write(line)
             sys.stderr.flush()
 

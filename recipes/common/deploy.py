@@ -15,15 +15,12 @@ needs only LiteRT (`ai-edge-litert`) or onnxruntime at run time.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import os
 import pathlib
 import re
-import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
@@ -31,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from lstm_tf import conversion
-from recipes.common import checkpoints, exports, workdirs
+from recipes.common import checkpoints, console, exports, workdirs
 from recipes.common.errors import RecipeError
 
 FILES = {"tflite": "model.tflite", "tflite_dynamic": "model_dynamic.tflite",
@@ -82,6 +79,11 @@ def check_formats(formats: Iterable[str]) -> list[str]:
     return formats
 
 
+# What TFLite's calibrating quantizer prints to the C++ stderr (no option or log level
+# silences it).
+_QUANTIZER_SETTINGS = re.compile(r"fully_quantize: \d+, inference_type: ")
+
+
 def tflite(model: keras.Model, quantization: str = "",
            representative: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
            output_names: list[str] | None = None) -> bytes:
@@ -106,28 +108,8 @@ def tflite(model: keras.Model, quantization: str = "",
         if quantization != "int8":
             return converter.convert()
         converter.representative_dataset = representative
-        # (TFLite's calibrating quantizer prints its settings to the C++ stderr, with no
-        # option or log level to silence it.)
-        with _native_stderr_without(r"fully_quantize: \d+, inference_type: "):
+        with console.native_stderr_without(_QUANTIZER_SETTINGS):
             return converter.convert()
-
-
-@contextlib.contextmanager
-def _native_stderr_without(pattern: str) -> Iterator[None]:
-    """Inside, what native code writes to file descriptor 2 is held back; afterwards it goes
-    to `sys.stderr` without the lines that start with `pattern`."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            lines = held.read().decode(errors="replace").splitlines(keepends=True)
-            sys.stderr.write("".join(line for line in lines if not re.match(pattern, line)))
 
 
 def named_outputs(model: keras.Model, names: list[str] | None = None
