@@ -43,3 +43,4 @@ def test_the_wheel_holds_lstm_tf_alone(tmp_path):
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"lstm_tf"}
     assert {n for n in names if n.endswith(".py")} == {
         f"lstm_tf/{p.name}" for p in (ROOT / "lstm_tf").glob("*.py")}
+    assert "lstm_tf/cpu_kernel.cc" in names
