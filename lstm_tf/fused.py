@@ -42,6 +42,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from lstm_tf import cpu_kernel
+
 
 def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
                recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
@@ -80,13 +82,13 @@ def _bucketed_recurrence(bfloat16_gradient: bool) -> Any:
     # the gradient instead.)
     @tf.custom_gradient
     def bucketed(xw, steps, lengths, h0, c0, recurrent_kernel, bias):  # noqa: ANN001, ANN202
-        compiled = _compiled(h0.shape[-1])
-        hs, cs, gates = compiled.forward(*_unwatched(xw, steps, h0, c0, recurrent_kernel, bias))
+        loops = _training_loops(h0)
+        hs, cs, gates = loops.forward(*_unwatched(xw, steps, h0, c0, recurrent_kernel, bias))
         h, c = (final_state(s, lengths, s0) for s, s0 in ((hs, h0), (cs, c0)))
 
         def grad(d_hs, d_h, d_c):  # noqa: ANN001, ANN202
             return _recurrence_gradient(d_hs, d_h, d_c, steps, lengths, hs, cs, gates, h0, c0,
-                                        recurrent_kernel, bfloat16_gradient)
+                                        recurrent_kernel, bfloat16_gradient, loops)
 
         return (hs, h, c), grad
 
@@ -97,9 +99,12 @@ _BUCKETED_RECURRENCE = {bf16: _bucketed_recurrence(bf16) for bf16 in (False, Tru
 
 
 def _recurrence_gradient(d_hs, d_h, d_c, steps, lengths, hs, cs, gates, h0, c0,
-                         recurrent_kernel, bfloat16_gradient=False) -> tuple:
-    """`_bucketed_recurrence`'s gradients `(dxw, None, None, dh0, dc0, dU, db)`."""
-    dz, dh0, dc0, d_bias = _compiled(h0.shape[-1]).backward(
+                         recurrent_kernel, bfloat16_gradient=False, loops=None) -> tuple:
+    """`_bucketed_recurrence`'s gradients `(dxw, None, None, dh0, dc0, dU, db)`.
+
+    `loops`: whose backward loop (default the XLA one: `_compiled`)."""
+    loops = loops or _compiled(h0.shape[-1])
+    dz, dh0, dc0, d_bias = loops.backward(
         d_hs, d_h, d_c, steps, lengths, cs, gates, c0, recurrent_kernel)
     # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
     # MatMul is the faster one for it; in bfloat16, oneDNN's on CPUs with
@@ -286,6 +291,47 @@ class _Compiled:
 @functools.cache
 def _compiled(units: int) -> _Compiled:
     return _Compiled()
+
+
+class _Kernel:
+    """The training loops as the CPU kernel's ops (`cpu_kernel.py`): `_Compiled`'s
+    `forward` and `backward`, same arguments and results."""
+
+    def __init__(self, ops: Any, threads: int) -> None:
+        """`threads`: how many threads share each step (0: all of TensorFlow's)."""
+        self._ops, self._threads = ops, threads
+
+    def forward(self, xw: tf.Tensor, steps: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
+                recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
+        return tuple(self._ops.lstm_tf_forward(xw, steps, h0, c0, recurrent_kernel, bias,
+                                               threads=self._threads))
+
+    def backward(self, d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, steps: tf.Tensor,
+                 lengths: tf.Tensor, cs: tf.Tensor, gates: tf.Tensor, c0: tf.Tensor,
+                 recurrent_kernel: tf.Tensor) -> tuple:
+        dz, dh0, dc0 = self._ops.lstm_tf_backward(d_hs, d_h, d_c, steps, lengths, cs, gates,
+                                                  c0, recurrent_kernel, threads=self._threads)
+        empty = (lengths == 0)[:, None]  # the final state is the initial one
+        return (dz, dh0 + tf.where(empty, d_h, 0), dc0 + tf.where(empty, d_c, 0),
+                tf.reduce_sum(dz, [0, 1]))
+
+
+def _training_loops(h0: tf.Tensor) -> _Compiled | _Kernel:
+    """The training path's loops for float32 state on a CPU: the CPU kernel's where it
+    loads (`cpu_kernel.py`), else (and for other dtypes, or with a GPU) XLA's."""
+    units = h0.shape[-1]
+    ops = cpu_kernel.ops() if h0.dtype == tf.float32 and not _has_gpu() else None
+    if ops is None:
+        return _compiled(units)
+    # Below 128 units a step's matmul is too small to share: on one thread the
+    # step has no synchronization at all, and a Bidirectional's two directions
+    # (independent ops) run on two cores side by side.
+    return _Kernel(ops, threads=1 if units < 128 else 0)
+
+
+@functools.cache
+def _has_gpu() -> bool:
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 def _unwatched(*tensors: tf.Tensor) -> list[tf.Tensor]:

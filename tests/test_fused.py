@@ -7,9 +7,20 @@ import pytest
 import tensorflow as tf
 
 import lstm_tf
+from lstm_tf import cpu_kernel
 from lstm_tf import fused as fused_lib
 
 B, T, D, U = 4, 9, 6, 5  # T not a multiple of the unroll factor
+
+
+@pytest.fixture(autouse=True, params=["cpu kernel", "XLA loops"])
+def training_loops(request, monkeypatch):
+    """Every test on both implementations of the training path's loops."""
+    if request.param == "cpu kernel":
+        assert cpu_kernel.ops() is not None, "the CPU kernel did not build here"
+    else:
+        monkeypatch.setenv("LSTM_TF_KERNEL", "0")
+    return request.param
 
 
 def _pair(make, x):
