@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from lstm_tf import conversion
+from lstm_tf import conversion, fused
 
 
 @keras.saving.register_keras_serializable(package="lstm_tf")
@@ -17,7 +17,7 @@ class Bidirectional(keras.layers.Bidirectional):
 
     The two directions are independent parts of one graph, which TensorFlow
     runs concurrently (with `lstm_tf.LSTM`, each on its fused path if it
-    applies).
+    applies; in training on a CPU, each on one thread).
 
     The backward copy is the same layer rebuilt from its config with
     `go_backwards` flipped (or `backward_layer`, if given). Its outputs are
@@ -63,7 +63,10 @@ class Bidirectional(keras.layers.Bidirectional):
     def call(self, sequences: Any, initial_state: Any = None, mask: Any = None,
              training: bool | None = None) -> Any:
         kwargs = {"initial_state": initial_state, "mask": mask, "training": training}
-        if (training or self.merge_mode != "concat" or not tf.inside_function()
+        if training:
+            with fused.side_by_side():
+                return super().call(sequences, **kwargs)
+        if (self.merge_mode != "concat" or not tf.inside_function()
                 or conversion.in_onnx_graph()):
             return super().call(sequences, **kwargs)
         # Keras's call without its merge (with merge_mode=None it returns both directions'

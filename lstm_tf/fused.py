@@ -28,7 +28,7 @@ What it does to be fast on a CPU (the speed it reaches against `keras.layers.LST
   at the real length), so that XLA compiles once per batch size and bucket of
   lengths rather than once per length.
 * A `Bidirectional`'s two directions are two independent loops in one graph,
-  which TensorFlow runs concurrently.
+  which TensorFlow runs concurrently (`side_by_side`).
 * For a classifier that mean- and max-pools an LSTM's outputs,
   `pooled_inference` pools inside the loop (no per-step outputs at all), from
   x_t·W + b computed by the caller (e.g. looked up in a table folded from an
@@ -37,12 +37,17 @@ What it does to be fast on a CPU (the speed it reaches against `keras.layers.LST
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import tensorflow as tf
 
 from lstm_tf import cpu_kernel
+
+_side_by_side = contextvars.ContextVar("lstm_tf.fused side_by_side", default=False)
 
 
 def recurrence(xw: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
@@ -316,6 +321,17 @@ class _Kernel:
                 tf.reduce_sum(dz, [0, 1]))
 
 
+@contextlib.contextmanager
+def side_by_side() -> Iterator[None]:
+    """Within it, the training recurrences traced run concurrently with another (a
+    `Bidirectional`'s two directions): on a CPU, each keeps to one thread."""
+    token = _side_by_side.set(True)
+    try:
+        yield
+    finally:
+        _side_by_side.reset(token)
+
+
 def _training_loops(h0: tf.Tensor) -> _Compiled | _Kernel:
     """The training path's loops for float32 state on a CPU: the CPU kernel's where it
     loads (`cpu_kernel.py`), else (and for other dtypes, or with a GPU) XLA's."""
@@ -323,10 +339,11 @@ def _training_loops(h0: tf.Tensor) -> _Compiled | _Kernel:
     ops = cpu_kernel.ops() if h0.dtype == tf.float32 and not _has_gpu() else None
     if ops is None:
         return _compiled(units)
-    # Below 128 units a step's matmul is too small to share: on one thread the
-    # step has no synchronization at all, and a Bidirectional's two directions
-    # (independent ops) run on two cores side by side.
-    return _Kernel(ops, threads=1 if units < 128 else 0)
+    # One thread where a step's matmul is too small to share (below 128 units) or
+    # where another recurrence runs beside this one: then the step has no
+    # synchronization at all, and the two run on two cores side by side.
+    alone = units < 128 or _side_by_side.get()
+    return _Kernel(ops, threads=1 if alone else 0)
 
 
 @functools.cache

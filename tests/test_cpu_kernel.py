@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from lstm_tf import cpu_kernel
+from lstm_tf import LSTM, Bidirectional, cpu_kernel
 from lstm_tf import fused as fused_lib
 
 
@@ -49,6 +49,23 @@ def test_the_kernel_equals_the_xla_loops(units, threads):
     args = (d_hs, d_h, d_c, steps, lengths, cs, gates, c0, kernel)
     for a, b in zip(kernel_loops.backward(*args), xla.backward(*args), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_threads_per_step(monkeypatch):
+    """All threads share a step from 128 units on; a smaller one, or one of two running
+    side by side (a Bidirectional's directions in training), keeps to one."""
+    def threads(units):
+        return fused_lib._training_loops(tf.zeros([2, units]))._threads
+
+    assert (threads(64), threads(128)) == (1, 0)
+    with fused_lib.side_by_side():
+        assert threads(128) == 1
+    assert threads(128) == 0
+    chosen, choose = [], fused_lib._training_loops
+    monkeypatch.setattr(fused_lib, "_training_loops",
+                        lambda h0: chosen.append(choose(h0)) or chosen[-1])
+    Bidirectional(LSTM(128))(tf.ones([2, 3, 4]), training=True)
+    assert [loops._threads for loops in chosen] == [1, 1]
 
 
 def test_no_steps():
