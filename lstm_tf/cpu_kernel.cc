@@ -9,13 +9,17 @@
 // counts is how little happens around them. Each step here is one Eigen matmul
 // per slice of units and, in the same pass over that slice, all of its
 // element-wise work (the product stays in cache); the units are split into
-// slices of multiples of 16 columns, one per thread, with one parallel region
-// per step and nothing else between the steps.
+// slices of multiples of 16 columns, one per thread, and the threads wait for
+// each other between steps by spinning (the thread pool's own hand-off costs
+// more than a small step).
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "Eigen/Core"
@@ -53,16 +57,50 @@ std::vector<int64_t> Slices(int64_t units, int threads) {
   return bounds;
 }
 
-// Runs `slice(s)` for every slice, on the op's threads (inline for one).
-void ForEachSlice(OpKernelContext* ctx, int64_t n, const std::function<void(int64_t)>& slice) {
+// Waits (spinning: a step takes microseconds, too short to sleep on) until
+// `done` reaches `target`, yielding the core after a while in case the thread
+// it waits for is not running.
+void WaitFor(const std::atomic<int64_t>& done, int64_t target) {
+  for (int spins = 0; done.load(std::memory_order_acquire) < target; ++spins) {
+    if (spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+// Runs `work(t, s)` for each step t < steps in order and each slice s < n of it,
+// on the calling thread and on up to n - 1 of the op's worker threads, which
+// join as they become free (with none free, the calling thread does it all).
+// Each thread takes the next slice not yet taken, and starts it once the step
+// before is complete.
+void ForEachStep(OpKernelContext* ctx, int64_t steps, int64_t n,
+                 const std::function<void(int64_t, int64_t)>& work) {
   if (n == 1) {
-    slice(0);
+    for (int64_t t = 0; t < steps; ++t) work(t, 0);
     return;
   }
-  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
-      n, [&](int64_t begin, int64_t end) {
-        for (int64_t s = begin; s < end; ++s) slice(s);
-      });
+  struct Progress {
+    std::atomic<int64_t> taken{0}, done{0};
+  };
+  const int64_t total = steps * n;
+  auto progress = std::make_shared<Progress>();
+  // A helper that starts after the last slice is taken returns at once, without
+  // touching `work` (whose owner may have returned by then).
+  auto run = [progress, total, n, &work] {
+    for (int64_t k; (k = progress->taken.fetch_add(1)) < total;) {
+      WaitFor(progress->done, k / n * n);
+      work(k / n, k % n);
+      progress->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  auto* workers = ctx->device()->tensorflow_cpu_worker_threads()->workers;
+  for (int64_t i = 1; i < n; ++i) workers->Schedule(run);
+  run();
+  WaitFor(progress->done, total);
 }
 
 class RecurrenceOp : public OpKernel {
@@ -129,39 +167,37 @@ class ForwardOp : public RecurrenceOp {
                       &kernel[r * g + gate * m + begin], width * sizeof(float));
     }
 
-    for (int64_t t = 0; t < steps; ++t) {
+    ForEachStep(ctx, steps, n, [&](int64_t t, int64_t s) {
       const float* h_prev = t == 0 ? h0 : hs + (t - 1) * batch * m;
       const float* c_prev = t == 0 ? c0 : cs + (t - 1) * batch * m;
-      ForEachSlice(ctx, n, [&](int64_t s) {
-        const int64_t begin = bounds[s], width = bounds[s + 1] - begin;
-        Block(&z[4 * begin], batch, 4 * width, Strided(g)).noalias() =
-            ConstBlock(h_prev, batch, m, Strided(m)) *
-            ConstBlock(&packed[4 * begin], m, 4 * width, Strided(g));
-        for (int64_t b = 0; b < batch; ++b) {
-          const float* zb = &z[b * g + 4 * begin];
-          const float* xb = xw + (t * batch + b) * g + begin;
-          const float* bb = bias + begin;
-          float* gb = gates + (t * batch + b) * g + begin;
-          const float* cp = c_prev + b * m + begin;
-          float* cb = cs + (t * batch + b) * m + begin;
-          float* hb = hs + (t * batch + b) * m + begin;
+      const int64_t begin = bounds[s], width = bounds[s + 1] - begin;
+      Block(&z[4 * begin], batch, 4 * width, Strided(g)).noalias() =
+          ConstBlock(h_prev, batch, m, Strided(m)) *
+          ConstBlock(&packed[4 * begin], m, 4 * width, Strided(g));
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* zb = &z[b * g + 4 * begin];
+        const float* xb = xw + (t * batch + b) * g + begin;
+        const float* bb = bias + begin;
+        float* gb = gates + (t * batch + b) * g + begin;
+        const float* cp = c_prev + b * m + begin;
+        float* cb = cs + (t * batch + b) * m + begin;
+        float* hb = hs + (t * batch + b) * m + begin;
 #pragma omp simd
-          for (int64_t k = 0; k < width; ++k) {
-            const float i = Sigmoid(zb[k] + xb[k] + bb[k]);
-            const float f = Sigmoid(zb[width + k] + xb[m + k] + bb[m + k]);
-            const float candidate = Tanh(zb[2 * width + k] + xb[2 * m + k] + bb[2 * m + k]);
-            const float o = Sigmoid(zb[3 * width + k] + xb[3 * m + k] + bb[3 * m + k]);
-            const float c = f * cp[k] + i * candidate;
-            gb[k] = i;
-            gb[m + k] = f;
-            gb[2 * m + k] = candidate;
-            gb[3 * m + k] = o;
-            cb[k] = c;
-            hb[k] = o * Tanh(c);
-          }
+        for (int64_t k = 0; k < width; ++k) {
+          const float i = Sigmoid(zb[k] + xb[k] + bb[k]);
+          const float f = Sigmoid(zb[width + k] + xb[m + k] + bb[m + k]);
+          const float candidate = Tanh(zb[2 * width + k] + xb[2 * m + k] + bb[2 * m + k]);
+          const float o = Sigmoid(zb[3 * width + k] + xb[3 * m + k] + bb[3 * m + k]);
+          const float c = f * cp[k] + i * candidate;
+          gb[k] = i;
+          gb[m + k] = f;
+          gb[2 * m + k] = candidate;
+          gb[3 * m + k] = o;
+          cb[k] = c;
+          hb[k] = o * Tanh(c);
         }
-      });
-    }
+      }
+    });
   }
 };
 
@@ -200,37 +236,37 @@ class BackwardOp : public RecurrenceOp {
           ConstBlock(dz + t * batch * g, batch, g, Strided(g)) *
           ConstBlock(kernel + begin * g, width, g, Strided(g)).transpose();
     };
-    for (int64_t t = steps - 1; t >= 0; --t) {
-      ForEachSlice(ctx, n, [&](int64_t s) {
-        const int64_t begin = bounds[s], width = bounds[s + 1] - begin;
-        if (t < steps - 1) recurrent(s, t + 1);
-        for (int64_t b = 0; b < batch; ++b) {
-          const bool last = t == lengths[b] - 1;  // the final state's gradient enters here
-          const float* gb = gates + (t * batch + b) * g + begin;
-          const float* cb = cs + (t * batch + b) * m + begin;
-          const float* cp = (t == 0 ? c0 : cs + ((t - 1) * batch) * m) + b * m + begin;
-          const float* dhs = d_hs + (t * batch + b) * m + begin;
-          const float* dhf = d_h + b * m + begin;
-          const float* dcf = d_c + b * m + begin;
-          float* dhn = dh_next + b * m + begin;
-          float* dcn = dc_next + b * m + begin;
-          float* dzb = dz + (t * batch + b) * g + begin;
+    // The loop's step j is t = steps - 1 - j; one more gives dh0 = dz_0·Uᵀ.
+    ForEachStep(ctx, steps + (steps > 0), n, [&](int64_t j, int64_t s) {
+      const int64_t t = steps - 1 - j;
+      if (t < steps - 1) recurrent(s, t + 1);
+      if (t < 0) return;
+      const int64_t begin = bounds[s], width = bounds[s + 1] - begin;
+      for (int64_t b = 0; b < batch; ++b) {
+        const bool last = t == lengths[b] - 1;  // the final state's gradient enters here
+        const float* gb = gates + (t * batch + b) * g + begin;
+        const float* cb = cs + (t * batch + b) * m + begin;
+        const float* cp = (t == 0 ? c0 : cs + ((t - 1) * batch) * m) + b * m + begin;
+        const float* dhs = d_hs + (t * batch + b) * m + begin;
+        const float* dhf = d_h + b * m + begin;
+        const float* dcf = d_c + b * m + begin;
+        float* dhn = dh_next + b * m + begin;
+        float* dcn = dc_next + b * m + begin;
+        float* dzb = dz + (t * batch + b) * g + begin;
 #pragma omp simd
-          for (int64_t k = 0; k < width; ++k) {
-            const float i = gb[k], f = gb[m + k], candidate = gb[2 * m + k], o = gb[3 * m + k];
-            const float tanh_c = Tanh(cb[k]);
-            const float dh = dhs[k] + dhn[k] + (last ? dhf[k] : 0.0f);
-            const float dc = dcn[k] + (last ? dcf[k] : 0.0f) + dh * o * (1.0f - tanh_c * tanh_c);
-            dzb[k] = dc * candidate * i * (1.0f - i);
-            dzb[m + k] = dc * cp[k] * f * (1.0f - f);
-            dzb[2 * m + k] = dc * i * (1.0f - candidate * candidate);
-            dzb[3 * m + k] = dh * tanh_c * o * (1.0f - o);
-            dcn[k] = dc * f;
-          }
+        for (int64_t k = 0; k < width; ++k) {
+          const float i = gb[k], f = gb[m + k], candidate = gb[2 * m + k], o = gb[3 * m + k];
+          const float tanh_c = Tanh(cb[k]);
+          const float dh = dhs[k] + dhn[k] + (last ? dhf[k] : 0.0f);
+          const float dc = dcn[k] + (last ? dcf[k] : 0.0f) + dh * o * (1.0f - tanh_c * tanh_c);
+          dzb[k] = dc * candidate * i * (1.0f - i);
+          dzb[m + k] = dc * cp[k] * f * (1.0f - f);
+          dzb[2 * m + k] = dc * i * (1.0f - candidate * candidate);
+          dzb[3 * m + k] = dh * tanh_c * o * (1.0f - o);
+          dcn[k] = dc * f;
         }
-      });
-    }
-    if (steps > 0) ForEachSlice(ctx, n, [&](int64_t s) { recurrent(s, 0); });
+      }
+    });
   }
 };
 
