@@ -201,10 +201,10 @@ class ForwardOp : public RecurrenceOp {
   }
 };
 
-// (dz, dh0, dc0): dz [T, B, 4M] the gradient of z_t = x_t·W + h_{t-1}·U + b
-// over the first `steps` steps (zeros after), and the initial state's gradient
+// (dz, dh0, dc0, d_bias): dz [T, B, 4M] the gradient of z_t = x_t·W + h_{t-1}·U + b
+// over the first `steps` steps (zeros after), the initial state's gradient
 // through the loop (the final state's gradient for an empty sequence is the
-// caller's to add).
+// caller's to add), and Σ dz over steps and batch.
 class BackwardOp : public RecurrenceOp {
  public:
   using RecurrenceOp::RecurrenceOp;
@@ -225,7 +225,12 @@ class BackwardOp : public RecurrenceOp {
     float* dz = Output(ctx, 0, TensorShape({length, batch, g}), steps * batch * g);
     float* dh_next = Output(ctx, 1, TensorShape({batch, m}));  // dz_{t+1}·Uᵀ, at last dh0
     float* dc_next = Output(ctx, 2, TensorShape({batch, m}));  // dC_{t+1} ⊙ f_{t+1}, at last dc0
+    float* d_bias = Output(ctx, 3, TensorShape({g}));
     if (!ctx->status().ok()) return;
+    // Σ dz: over the batch in float at each step (step_sum), then over the steps
+    // in double (a float sum of that many terms would lose digits).
+    std::vector<float> step_sum(g);
+    std::vector<double> bias_sum(g);
 
     // A slice's columns of dz_{t+1}·Uᵀ are its rows of U (contiguous) times dz_{t+1}.
     const std::vector<int64_t> bounds = SlicesOf(ctx, m);
@@ -242,6 +247,8 @@ class BackwardOp : public RecurrenceOp {
       if (t < steps - 1) recurrent(s, t + 1);
       if (t < 0) return;
       const int64_t begin = bounds[s], width = bounds[s + 1] - begin;
+      for (int64_t gate = 0; gate < 4; ++gate)
+        std::fill_n(&step_sum[gate * m + begin], width, 0.0f);
       for (int64_t b = 0; b < batch; ++b) {
         const bool last = t == lengths[b] - 1;  // the final state's gradient enters here
         const float* gb = gates + (t * batch + b) * g + begin;
@@ -253,6 +260,7 @@ class BackwardOp : public RecurrenceOp {
         float* dhn = dh_next + b * m + begin;
         float* dcn = dc_next + b * m + begin;
         float* dzb = dz + (t * batch + b) * g + begin;
+        float* db = &step_sum[begin];
 #pragma omp simd
         for (int64_t k = 0; k < width; ++k) {
           const float i = gb[k], f = gb[m + k], candidate = gb[2 * m + k], o = gb[3 * m + k];
@@ -264,9 +272,17 @@ class BackwardOp : public RecurrenceOp {
           dzb[2 * m + k] = dc * i * (1.0f - candidate * candidate);
           dzb[3 * m + k] = dh * tanh_c * o * (1.0f - o);
           dcn[k] = dc * f;
+          db[k] += dzb[k];
+          db[m + k] += dzb[m + k];
+          db[2 * m + k] += dzb[2 * m + k];
+          db[3 * m + k] += dzb[3 * m + k];
         }
       }
+      for (int64_t gate = 0; gate < 4; ++gate)
+        for (int64_t k = begin; k < begin + width; ++k)
+          bias_sum[gate * m + k] += step_sum[gate * m + k];
     });
+    std::copy(bias_sum.begin(), bias_sum.end(), d_bias);
   }
 };
 
@@ -310,10 +326,13 @@ REGISTER_OP("LstmTfBackward")
     .Output("dz: float")
     .Output("dh0: float")
     .Output("dc0: float")
+    .Output("d_bias: float")
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(6));
       c->set_output(1, c->input(1));
-      return SameAs(c, 2, 2);
+      c->set_output(2, c->input(2));
+      c->set_output(3, c->Vector(c->Dim(c->input(8), 1)));
+      return tensorflow::OkStatus();
     });
 
 REGISTER_KERNEL_BUILDER(Name("LstmTfForward").Device(tensorflow::DEVICE_CPU), ForwardOp);

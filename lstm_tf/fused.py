@@ -314,11 +314,11 @@ class _Kernel:
     def backward(self, d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, steps: tf.Tensor,
                  lengths: tf.Tensor, cs: tf.Tensor, gates: tf.Tensor, c0: tf.Tensor,
                  recurrent_kernel: tf.Tensor) -> tuple:
-        dz, dh0, dc0 = self._ops.lstm_tf_backward(d_hs, d_h, d_c, steps, lengths, cs, gates,
-                                                  c0, recurrent_kernel, threads=self._threads)
+        dz, dh0, dc0, d_bias = self._ops.lstm_tf_backward(
+            d_hs, d_h, d_c, steps, lengths, cs, gates, c0, recurrent_kernel,
+            threads=self._threads)
         empty = (lengths == 0)[:, None]  # the final state is the initial one
-        return (dz, dh0 + tf.where(empty, d_h, 0), dc0 + tf.where(empty, d_c, 0),
-                tf.reduce_sum(dz, [0, 1]))
+        return dz, dh0 + tf.where(empty, d_h, 0), dc0 + tf.where(empty, d_c, 0), d_bias
 
 
 @contextlib.contextmanager
