@@ -1,8 +1,10 @@
 // The LSTM recurrence of lstm_tf's training path as two TensorFlow CPU ops.
 //
 // LstmTfForward and LstmTfBackward take and give exactly what the XLA loops
-// `_forward` and `_backward` of lstm_tf/fused.py do (float32, time-major); the
-// maths is the same, step for step. Built on first use by lstm_tf/cpu_kernel.py.
+// `_forward` and `_backward` of lstm_tf/fused.py do (float32, time-major), or
+// the same arrays batch-major (`batch_major`: the layers' own layout, which
+// spares them transposes); the maths is the same, step for step. Built on
+// first use by lstm_tf/cpu_kernel.py.
 //
 // Why a kernel: at the sizes people train (32-512 units) one step of the
 // recurrence is a small matmul and a little element-wise work, and what
@@ -107,9 +109,27 @@ class RecurrenceOp : public OpKernel {
  public:
   explicit RecurrenceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("threads", &threads_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("batch_major", &batch_major_));
   }
 
  protected:
+  // Where step t of sequence b is in an array of `length` steps of `batch`
+  // sequences, in rows: [T, B, ·] arrays, or [B, T, ·] ones with batch_major.
+  struct Layout {
+    bool batch_major;
+    int64_t length, batch;
+    int64_t Row(int64_t t, int64_t b) const {
+      return batch_major ? b * length + t : t * batch + b;
+    }
+    int64_t RowsPerSequence() const { return batch_major ? length : 1; }  // from b to b + 1
+  };
+
+  // The layout of `input` [T, B, ·] or [B, T, ·].
+  Layout LayoutOf(const Tensor& input) const {
+    const int64_t dim0 = input.dim_size(0), dim1 = input.dim_size(1);
+    return batch_major_ ? Layout{true, dim1, dim0} : Layout{false, dim0, dim1};
+  }
+
   // The slices for `units` units: `threads` of them, or one per worker thread.
   std::vector<int64_t> SlicesOf(OpKernelContext* ctx, int64_t units) const {
     const int threads = threads_ > 0
@@ -117,30 +137,33 @@ class RecurrenceOp : public OpKernel {
     return Slices(units, threads);
   }
 
-  // Output `index`, zeros from element `zeros_from` on (null if it cannot be allocated).
+  // Output `index`, zeros if `zeros` (null if it cannot be allocated).
   static float* Output(OpKernelContext* ctx, int index, const TensorShape& shape,
-                       int64_t zeros_from = 0) {
+                       bool zeros = true) {
     Tensor* out = nullptr;
     ctx->SetStatus(ctx->allocate_output(index, shape, &out));
     if (out == nullptr) return nullptr;
     float* data = out->flat<float>().data();
-    std::fill(data + std::min(zeros_from, out->NumElements()), data + out->NumElements(), 0.0f);
+    if (zeros) std::fill(data, data + out->NumElements(), 0.0f);
     return data;
   }
 
  private:
   int threads_;
+  bool batch_major_;
 };
 
-// (H, Cs, G) [T, B, ·]: h_t, C_t and the gates i, f, C̃, o after each of the
-// first `steps` steps (zeros after), from xw [T, B, 4M] = x_t·W.
+// (H, Cs, G) [T, B, ·] (or [B, T, ·]): h_t, C_t and the gates i, f, C̃, o after
+// each of the first `steps` steps (zeros after), from xw [T, B, 4M] = x_t·W (or
+// [B, T, 4M]).
 class ForwardOp : public RecurrenceOp {
  public:
   using RecurrenceOp::RecurrenceOp;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& xw_in = ctx->input(0);
-    const int64_t length = xw_in.dim_size(0), batch = xw_in.dim_size(1);
+    const Layout at = LayoutOf(xw_in);
+    const int64_t length = at.length, batch = at.batch;
     const int64_t m = ctx->input(2).dim_size(1), g = 4 * m;
     const int64_t steps = std::clamp<int64_t>(ctx->input(1).scalar<int32_t>()(), 0, length);
     const float* xw = xw_in.flat<float>().data();
@@ -148,9 +171,10 @@ class ForwardOp : public RecurrenceOp {
     const float* c0 = ctx->input(3).flat<float>().data();
     const float* kernel = ctx->input(4).flat<float>().data();
     const float* bias = ctx->input(5).flat<float>().data();
-    float* hs = Output(ctx, 0, TensorShape({length, batch, m}), steps * batch * m);
-    float* cs = Output(ctx, 1, TensorShape({length, batch, m}), steps * batch * m);
-    float* gates = Output(ctx, 2, TensorShape({length, batch, g}), steps * batch * g);
+    const int64_t dim0 = xw_in.dim_size(0), dim1 = xw_in.dim_size(1);
+    float* hs = Output(ctx, 0, TensorShape({dim0, dim1, m}), steps < length);
+    float* cs = Output(ctx, 1, TensorShape({dim0, dim1, m}), steps < length);
+    float* gates = Output(ctx, 2, TensorShape({dim0, dim1, g}), steps < length);
     if (!ctx->status().ok()) return;
 
     // The recurrent kernel with each slice's four gates side by side (columns
@@ -168,20 +192,23 @@ class ForwardOp : public RecurrenceOp {
     }
 
     ForEachStep(ctx, steps, n, [&](int64_t t, int64_t s) {
-      const float* h_prev = t == 0 ? h0 : hs + (t - 1) * batch * m;
-      const float* c_prev = t == 0 ? c0 : cs + (t - 1) * batch * m;
+      // The states before step t: rows `stride` apart.
+      const float* h_prev = t == 0 ? h0 : hs + at.Row(t - 1, 0) * m;
+      const float* c_prev = t == 0 ? c0 : cs + at.Row(t - 1, 0) * m;
+      const int64_t stride = t == 0 ? m : at.RowsPerSequence() * m;
       const int64_t begin = bounds[s], width = bounds[s + 1] - begin;
       Block(&z[4 * begin], batch, 4 * width, Strided(g)).noalias() =
-          ConstBlock(h_prev, batch, m, Strided(m)) *
+          ConstBlock(h_prev, batch, m, Strided(stride)) *
           ConstBlock(&packed[4 * begin], m, 4 * width, Strided(g));
       for (int64_t b = 0; b < batch; ++b) {
+        const int64_t row = at.Row(t, b);
         const float* zb = &z[b * g + 4 * begin];
-        const float* xb = xw + (t * batch + b) * g + begin;
+        const float* xb = xw + row * g + begin;
         const float* bb = bias + begin;
-        float* gb = gates + (t * batch + b) * g + begin;
-        const float* cp = c_prev + b * m + begin;
-        float* cb = cs + (t * batch + b) * m + begin;
-        float* hb = hs + (t * batch + b) * m + begin;
+        float* gb = gates + row * g + begin;
+        const float* cp = c_prev + b * stride + begin;
+        float* cb = cs + row * m + begin;
+        float* hb = hs + row * m + begin;
 #pragma omp simd
         for (int64_t k = 0; k < width; ++k) {
           const float i = Sigmoid(zb[k] + xb[k] + bb[k]);
@@ -201,7 +228,7 @@ class ForwardOp : public RecurrenceOp {
   }
 };
 
-// (dz, dh0, dc0, d_bias): dz [T, B, 4M] the gradient of z_t = x_t·W + h_{t-1}·U + b
+// (dz, dh0, dc0, d_bias): dz [T, B, 4M] (or [B, T, 4M]) the gradient of z_t = x_t·W + h_{t-1}·U + b
 // over the first `steps` steps (zeros after), the initial state's gradient
 // through the loop (the final state's gradient for an empty sequence is the
 // caller's to add), and Σ dz over steps and batch.
@@ -211,7 +238,8 @@ class BackwardOp : public RecurrenceOp {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& cs_in = ctx->input(5);
-    const int64_t length = cs_in.dim_size(0), batch = cs_in.dim_size(1);
+    const Layout at = LayoutOf(cs_in);
+    const int64_t length = at.length, batch = at.batch;
     const int64_t m = cs_in.dim_size(2), g = 4 * m;
     const int64_t steps = std::clamp<int64_t>(ctx->input(3).scalar<int32_t>()(), 0, length);
     const float* d_hs = ctx->input(0).flat<float>().data();
@@ -222,7 +250,8 @@ class BackwardOp : public RecurrenceOp {
     const float* gates = ctx->input(6).flat<float>().data();
     const float* c0 = ctx->input(7).flat<float>().data();
     const float* kernel = ctx->input(8).flat<float>().data();
-    float* dz = Output(ctx, 0, TensorShape({length, batch, g}), steps * batch * g);
+    float* dz = Output(ctx, 0, TensorShape({cs_in.dim_size(0), cs_in.dim_size(1), g}),
+                       steps < length);
     float* dh_next = Output(ctx, 1, TensorShape({batch, m}));  // dz_{t+1}·Uᵀ, at last dh0
     float* dc_next = Output(ctx, 2, TensorShape({batch, m}));  // dC_{t+1} ⊙ f_{t+1}, at last dc0
     float* d_bias = Output(ctx, 3, TensorShape({g}));
@@ -238,7 +267,7 @@ class BackwardOp : public RecurrenceOp {
     auto recurrent = [&](int64_t s, int64_t t) {  // dh_next's slice from dz_t
       const int64_t begin = bounds[s], width = bounds[s + 1] - begin;
       Block(dh_next + begin, batch, width, Strided(m)).noalias() =
-          ConstBlock(dz + t * batch * g, batch, g, Strided(g)) *
+          ConstBlock(dz + at.Row(t, 0) * g, batch, g, Strided(at.RowsPerSequence() * g)) *
           ConstBlock(kernel + begin * g, width, g, Strided(g)).transpose();
     };
     // The loop's step j is t = steps - 1 - j; one more gives dh0 = dz_0·Uᵀ.
@@ -251,15 +280,16 @@ class BackwardOp : public RecurrenceOp {
         std::fill_n(&step_sum[gate * m + begin], width, 0.0f);
       for (int64_t b = 0; b < batch; ++b) {
         const bool last = t == lengths[b] - 1;  // the final state's gradient enters here
-        const float* gb = gates + (t * batch + b) * g + begin;
-        const float* cb = cs + (t * batch + b) * m + begin;
-        const float* cp = (t == 0 ? c0 : cs + ((t - 1) * batch) * m) + b * m + begin;
-        const float* dhs = d_hs + (t * batch + b) * m + begin;
+        const int64_t row = at.Row(t, b);
+        const float* gb = gates + row * g + begin;
+        const float* cb = cs + row * m + begin;
+        const float* cp = (t == 0 ? c0 + b * m : cs + at.Row(t - 1, b) * m) + begin;
+        const float* dhs = d_hs + row * m + begin;
         const float* dhf = d_h + b * m + begin;
         const float* dcf = d_c + b * m + begin;
         float* dhn = dh_next + b * m + begin;
         float* dcn = dc_next + b * m + begin;
-        float* dzb = dz + (t * batch + b) * g + begin;
+        float* dzb = dz + row * g + begin;
         float* db = &step_sum[begin];
 #pragma omp simd
         for (int64_t k = 0; k < width; ++k) {
@@ -301,6 +331,7 @@ REGISTER_OP("LstmTfForward")
     .Input("recurrent_kernel: float")
     .Input("bias: float")
     .Attr("threads: int = 0")
+    .Attr("batch_major: bool = false")
     .Output("hs: float")
     .Output("cs: float")
     .Output("gates: float")
@@ -323,6 +354,7 @@ REGISTER_OP("LstmTfBackward")
     .Input("c0: float")
     .Input("recurrent_kernel: float")
     .Attr("threads: int = 0")
+    .Attr("batch_major: bool = false")
     .Output("dz: float")
     .Output("dh0: float")
     .Output("dc0: float")

@@ -111,20 +111,50 @@ def _recurrence_gradient(d_hs, d_h, d_c, steps, lengths, hs, cs, gates, h0, c0,
     loops = loops or _compiled(h0.shape[-1])
     dz, dh0, dc0, d_bias = loops.backward(
         d_hs, d_h, d_c, steps, lengths, cs, gates, c0, recurrent_kernel)
-    # Σ_t h_{t-1}ᵀ·dz_t as one matmul (outside XLA: TensorFlow's own
-    # MatMul is the faster one for it; in bfloat16, oneDNN's on CPUs with
-    # bfloat16 instructions).
-    m = h0.shape[-1]
-    h_prev = tf.reshape(tf.concat([h0[None], hs[:-1]], 0), [-1, m])
-    dz_2d = tf.reshape(dz, [-1, 4 * m])
+    dz, d_kernel = _recurrent_kernel_gradient(tf.concat([h0[None], hs[:-1]], 0), dz,
+                                              bfloat16_gradient)
+    return dz, None, None, dh0, dc0, d_kernel, d_bias
+
+
+def _recurrent_kernel_gradient(h_prev: tf.Tensor, dz: tf.Tensor,
+                               bfloat16_gradient: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(dz, Σ_t h_{t-1}ᵀ·dz_t)` from h_{t-1} and dz_t at every step (any one layout),
+    the dz returned to be passed on."""
+    # One matmul (outside XLA: TensorFlow's own MatMul is the faster one for it;
+    # in bfloat16, oneDNN's on CPUs with bfloat16 instructions).
+    m = h_prev.shape[-1]
+    h_prev, dz_2d = tf.reshape(h_prev, [-1, m]), tf.reshape(dz, [-1, 4 * m])
     if bfloat16_gradient:
         h_prev, dz_2d = tf.cast(h_prev, tf.bfloat16), tf.cast(dz_2d, tf.bfloat16)
     d_kernel = tf.cast(tf.matmul(h_prev, dz_2d, transpose_a=True), dz.dtype)
     # Hand dz on (to the gradients of x and W) only after that matmul: run at
     # the same time, the matmuls compete for the same cores.
     with tf.control_dependencies([d_kernel]):
-        dz = tf.identity(dz)
-    return dz, None, None, dh0, dc0, d_kernel, d_bias
+        return tf.identity(dz), d_kernel
+
+
+def _batch_major_recurrence(loops: _Kernel, bfloat16_gradient: bool) -> Any:
+    """`recurrence` on the CPU kernel, batch-major: `(H [B, T, M], h, C)` from
+    `xw` `[B, T, 4M]` (of any length: the kernel compiles nothing per shape)."""
+    @tf.custom_gradient
+    def batch_major(xw, lengths, h0, c0, recurrent_kernel, bias):  # noqa: ANN001, ANN202
+        steps = tf.shape(xw)[1]
+        hs, cs, gates = loops.forward(*_unwatched(xw, steps, h0, c0, recurrent_kernel, bias),
+                                      batch_major=True)
+        last = tf.maximum(lengths - 1, 0)
+        h, c = (tf.where((lengths > 0)[:, None], tf.gather(s, last, axis=1, batch_dims=1), s0)
+                for s, s0 in ((hs, h0), (cs, c0)))
+
+        def grad(d_hs, d_h, d_c):  # noqa: ANN001, ANN202
+            dz, dh0, dc0, d_bias = loops.backward(d_hs, d_h, d_c, steps, lengths, cs, gates,
+                                                  c0, recurrent_kernel, batch_major=True)
+            dz, d_kernel = _recurrent_kernel_gradient(
+                tf.concat([h0[:, None], hs], 1)[:, :steps], dz, bfloat16_gradient)
+            return dz, None, dh0, dc0, d_kernel, d_bias
+
+        return (hs, h, c), grad
+
+    return batch_major
 
 
 def _first_steps(hs: tf.Tensor, steps: tf.Tensor) -> tf.Tensor:
@@ -300,23 +330,24 @@ def _compiled(units: int) -> _Compiled:
 
 class _Kernel:
     """The training loops as the CPU kernel's ops (`cpu_kernel.py`): `_Compiled`'s
-    `forward` and `backward`, same arguments and results."""
+    `forward` and `backward`, same arguments and results (with `batch_major`, every
+    `[T, B, ·]` array is `[B, T, ·]` instead)."""
 
     def __init__(self, ops: Any, threads: int) -> None:
         """`threads`: how many threads share each step (0: all of TensorFlow's)."""
         self._ops, self._threads = ops, threads
 
     def forward(self, xw: tf.Tensor, steps: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor,
-                recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
+                recurrent_kernel: tf.Tensor, bias: tf.Tensor, batch_major: bool = False) -> tuple:
         return tuple(self._ops.lstm_tf_forward(xw, steps, h0, c0, recurrent_kernel, bias,
-                                               threads=self._threads))
+                                               threads=self._threads, batch_major=batch_major))
 
     def backward(self, d_hs: tf.Tensor, d_h: tf.Tensor, d_c: tf.Tensor, steps: tf.Tensor,
                  lengths: tf.Tensor, cs: tf.Tensor, gates: tf.Tensor, c0: tf.Tensor,
-                 recurrent_kernel: tf.Tensor) -> tuple:
+                 recurrent_kernel: tf.Tensor, batch_major: bool = False) -> tuple:
         dz, dh0, dc0, d_bias = self._ops.lstm_tf_backward(
             d_hs, d_h, d_c, steps, lengths, cs, gates, c0, recurrent_kernel,
-            threads=self._threads)
+            threads=self._threads, batch_major=batch_major)
         empty = (lengths == 0)[:, None]  # the final state is the initial one
         return dz, dh0 + tf.where(empty, d_h, 0), dc0 + tf.where(empty, d_c, 0), d_bias
 
@@ -544,6 +575,14 @@ def _outputs_in_read_order(h_seq: tf.Tensor, mask: tf.Tensor, go_backwards: bool
 def _training(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
               c0: tf.Tensor, recurrent_kernel: tf.Tensor, bias: tf.Tensor) -> tuple:
     """`recurrence` from batch-major inputs: `(H [B, T, M], h, C)`."""
+    bfloat16_gradient = kernel.dtype == tf.bfloat16
+    loops = _training_loops(h0)
+    if isinstance(loops, _Kernel):
+        # The kernel reads and writes the layers' batch-major arrays, of any
+        # length: no transposes, no padding.
+        xw = tf.cast(_projected(x, kernel), recurrent_kernel.dtype)
+        return _batch_major_recurrence(loops, bfloat16_gradient)(
+            xw, lengths, h0, c0, recurrent_kernel, bias)
     steps = tf.shape(x)[1]
     # Time-major and padded to a bucket of lengths (zero steps too: tf.distribute
     # feeds `(0, 0, features)` batches to replicas without data in a step, and XLA
@@ -552,7 +591,7 @@ def _training(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
     x = tf.pad(tf.transpose(x, [1, 0, 2]), [[0, _bucketed(steps) - steps], [0, 0], [0, 0]])
     xw = tf.cast(_projected(x, kernel), recurrent_kernel.dtype)  # (mixed precision: see `run`)
     # (The recurrent kernel's gradient in the projection's dtype: bfloat16 under mixed_bfloat16.)
-    hs, h_last, c_last = _BUCKETED_RECURRENCE[kernel.dtype == tf.bfloat16](
+    hs, h_last, c_last = _BUCKETED_RECURRENCE[bfloat16_gradient](
         xw, steps, lengths, h0, c0, recurrent_kernel, bias)
     return tf.transpose(_first_steps(hs, steps), [1, 0, 2]), h_last, c_last
 

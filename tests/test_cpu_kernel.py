@@ -29,25 +29,33 @@ def _inputs(units, steps=9, padded=32, batch=5, seed=0):
     return xw, tf.constant(steps), lengths, h0, c0, kernel, bias
 
 
+@pytest.mark.parametrize("batch_major", [False, True], ids=["time-major", "batch-major"])
 @pytest.mark.parametrize("units, threads", [(5, 1), (50, 1), (50, 2), (50, 3), (64, 0)])
-def test_the_kernel_equals_the_xla_loops(units, threads):
+def test_the_kernel_equals_the_xla_loops(units, threads, batch_major):
     """Forward (h, C and gates of every step) and backward (dz, dh0, dc0, db), with
-    sequences of every kind of length, the units in one slice or shared among threads."""
+    sequences of every kind of length, the units in one slice or shared among threads,
+    on time-major arrays as the XLA loops take them or batch-major ones."""
     ops = cpu_kernel.ops()
     assert ops is not None, "the kernel did not build here (see lstm_tf.cpu_kernel's log)"
     kernel_loops = fused_lib._Kernel(ops, threads)
     xla = fused_lib._compiled(units)
+
+    def layout(t):  # [T, B, ·] to the kernel's layout, and back
+        return tf.transpose(t, [1, 0, 2]) if batch_major and t.shape.rank == 3 else t
+
     xw, steps, lengths, h0, c0, kernel, bias = _inputs(units)
-    forward = [kernel_loops.forward(xw, steps, h0, c0, kernel, bias),
-               xla.forward(xw, steps, h0, c0, kernel, bias)]
-    for a, b in zip(*forward, strict=True):
+    expected = xla.forward(xw, steps, h0, c0, kernel, bias)
+    got = kernel_loops.forward(layout(xw), steps, h0, c0, kernel, bias, batch_major=batch_major)
+    for a, b in zip(map(layout, got), expected, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    hs, cs, gates = forward[1]
+    hs, cs, gates = expected
     rng = np.random.default_rng(1)
     d_hs = tf.constant(rng.normal(size=hs.shape), tf.float32)
     d_h, d_c = (tf.constant(rng.normal(size=h0.shape), tf.float32) for _ in range(2))
     args = (d_hs, d_h, d_c, steps, lengths, cs, gates, c0, kernel)
-    for a, b in zip(kernel_loops.backward(*args), xla.backward(*args), strict=True):
+    expected = xla.backward(*args)
+    got = kernel_loops.backward(*map(layout, args), batch_major=batch_major)
+    for a, b in zip(map(layout, got), expected, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
