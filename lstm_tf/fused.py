@@ -27,6 +27,9 @@ What it does to be fast on a CPU (the speed it reaches against `keras.layers.LST
 * The time axis is padded to a multiple of `TIME_BUCKET` steps (the loops stop
   at the real length), so that XLA compiles once per batch size and bucket of
   lengths rather than once per length.
+* In training on a CPU the two loops are the CPU kernel's ops (`cpu_kernel.py`)
+  where it loads, on the layers' batch-major arrays as they are (no transposes,
+  no padding).
 * A `Bidirectional`'s two directions are two independent loops in one graph,
   which TensorFlow runs concurrently (`side_by_side`).
 * For a classifier that mean- and max-pools an LSTM's outputs,
