@@ -3,8 +3,8 @@
 What it does to be fast on a CPU (the speed it reaches against `keras.layers.LSTM` and
 `torch.nn.LSTM`: `benchmarks/lstm_throughput.py`, docs/benchmarks.md):
 
-* The input projection x_t·W of every step is one large matmul before the
-  loop (time-major, 2-D); only h_{t-1}·U (and the bias) stays inside it.
+* The input projection x_t·W of every step is one large 2-D matmul before
+  the loop; only h_{t-1}·U (and the bias) stays inside it.
 * The loops are compiled by XLA (`tf.function(jit_compile=True)`), which
   fuses each step's element-wise work into a few passes instead of a dozen
   TensorFlow ops, each with its own dispatch (per-step op overhead, not
