@@ -137,18 +137,33 @@ class RecurrenceOp : public OpKernel {
     return Slices(units, threads);
   }
 
-  // Output `index`, zeros if `zeros` (null if it cannot be allocated).
-  static float* Output(OpKernelContext* ctx, int index, const TensorShape& shape,
-                       bool zeros = true) {
-    Tensor* out = nullptr;
-    ctx->SetStatus(ctx->allocate_output(index, shape, &out));
-    if (out == nullptr) return nullptr;
-    float* data = out->flat<float>().data();
-    if (zeros) std::fill(data, data + out->NumElements(), 0.0f);
+  // Output `index`, all zeros (null if it cannot be allocated).
+  static float* Output(OpKernelContext* ctx, int index, const TensorShape& shape) {
+    float* data = Uninitialized(ctx, index, shape);
+    if (data != nullptr) std::fill_n(data, shape.num_elements(), 0.0f);
+    return data;
+  }
+
+  // Output `index` [T, B, width] or [B, T, width], zeros at the steps from `steps`
+  // on (the ones before are the op's to write).
+  static float* Steps(OpKernelContext* ctx, int index, const TensorShape& shape,
+                      const Layout& at, int64_t steps) {
+    float* data = Uninitialized(ctx, index, shape);
+    if (data == nullptr) return nullptr;
+    const int64_t width = shape.dim_size(2);
+    for (int64_t b = 0; b < at.batch; ++b)
+      for (int64_t t = steps; t < at.length; ++t)
+        std::fill_n(data + at.Row(t, b) * width, width, 0.0f);
     return data;
   }
 
  private:
+  static float* Uninitialized(OpKernelContext* ctx, int index, const TensorShape& shape) {
+    Tensor* out = nullptr;
+    ctx->SetStatus(ctx->allocate_output(index, shape, &out));
+    return out == nullptr ? nullptr : out->flat<float>().data();
+  }
+
   int threads_;
   bool batch_major_;
 };
@@ -171,10 +186,11 @@ class ForwardOp : public RecurrenceOp {
     const float* c0 = ctx->input(3).flat<float>().data();
     const float* kernel = ctx->input(4).flat<float>().data();
     const float* bias = ctx->input(5).flat<float>().data();
-    const int64_t dim0 = xw_in.dim_size(0), dim1 = xw_in.dim_size(1);
-    float* hs = Output(ctx, 0, TensorShape({dim0, dim1, m}), steps < length);
-    float* cs = Output(ctx, 1, TensorShape({dim0, dim1, m}), steps < length);
-    float* gates = Output(ctx, 2, TensorShape({dim0, dim1, g}), steps < length);
+    TensorShape states = xw_in.shape();
+    states.set_dim(2, m);
+    float* hs = Steps(ctx, 0, states, at, steps);
+    float* cs = Steps(ctx, 1, states, at, steps);
+    float* gates = Steps(ctx, 2, xw_in.shape(), at, steps);
     if (!ctx->status().ok()) return;
 
     // The recurrent kernel with each slice's four gates side by side (columns
@@ -250,8 +266,7 @@ class BackwardOp : public RecurrenceOp {
     const float* gates = ctx->input(6).flat<float>().data();
     const float* c0 = ctx->input(7).flat<float>().data();
     const float* kernel = ctx->input(8).flat<float>().data();
-    float* dz = Output(ctx, 0, TensorShape({cs_in.dim_size(0), cs_in.dim_size(1), g}),
-                       steps < length);
+    float* dz = Steps(ctx, 0, ctx->input(6).shape(), at, steps);  // gates' shape
     float* dh_next = Output(ctx, 1, TensorShape({batch, m}));  // dz_{t+1}·Uᵀ, at last dh0
     float* dc_next = Output(ctx, 2, TensorShape({batch, m}));  // dC_{t+1} ⊙ f_{t+1}, at last dc0
     float* d_bias = Output(ctx, 3, TensorShape({g}));
