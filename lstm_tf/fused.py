@@ -144,9 +144,7 @@ def _batch_major_recurrence(loops: _Kernel, bfloat16_gradient: bool) -> Any:
         steps = tf.shape(xw)[1]
         hs, cs, gates = loops.forward(*_unwatched(xw, steps, h0, c0, recurrent_kernel, bias),
                                       batch_major=True)
-        last = tf.maximum(lengths - 1, 0)
-        h, c = (tf.where((lengths > 0)[:, None], tf.gather(s, last, axis=1, batch_dims=1), s0)
-                for s, s0 in ((hs, h0), (cs, c0)))
+        h, c = (_final_batch_major(s, lengths, s0) for s, s0 in ((hs, h0), (cs, c0)))
 
         def grad(d_hs, d_h, d_c):  # noqa: ANN001, ANN202
             dz, dh0, dc0, d_bias = loops.backward(d_hs, d_h, d_c, steps, lengths, cs, gates,
@@ -170,6 +168,12 @@ def final_state(states: tf.Tensor, lengths: tf.Tensor, initial: tf.Tensor) -> tf
     # (Indexed in place: a transpose to batch-major would copy every step.)
     where = tf.stack([tf.maximum(lengths - 1, 0), tf.range(tf.shape(lengths)[0])], 1)
     return tf.where((lengths > 0)[:, None], tf.gather_nd(states, where), initial)
+
+
+def _final_batch_major(states: tf.Tensor, lengths: tf.Tensor, initial: tf.Tensor) -> tf.Tensor:
+    """`final_state` of batch-major `states` `[B, T, M]`."""
+    last = tf.gather(states, tf.maximum(lengths - 1, 0), axis=1, batch_dims=1)
+    return tf.where((lengths > 0)[:, None], last, initial)
 
 
 def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor,
@@ -197,9 +201,7 @@ def inference(x: tf.Tensor, kernel: tf.Tensor, lengths: tf.Tensor, h0: tf.Tensor
     steps = tf.shape(x)[1]
     xw = _projected(tf.pad(x, [[0, 0], [0, _bucketed(steps) - steps], [0, 0]]), kernel)
     hs, c = _INFERENCE[final_cell](xw, lengths, h0, c0, recurrent_kernel, bias, steps)
-    # h after each sequence's last real step (h_0 for an empty one); `hs` has steps.
-    h = tf.gather(hs, tf.maximum(lengths - 1, 0), axis=1, batch_dims=1)
-    return hs[:, :steps], tf.where((lengths > 0)[:, None], h, h0), c
+    return hs[:, :steps], _final_batch_major(hs, lengths, h0), c
 
 
 TIME_BUCKET = 32  # the loops compile once per batch size and 32 steps of length
